@@ -1,0 +1,3 @@
+"""dsd_fast: Denoising Score Distillation, fast and correct."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,58 @@
+"""Build script: pure-Python package plus an optional CUDA extension (dsd_fast._C) from csrc/.
+
+DSD_FAST_BUILD_CUDA=1 forces the extension (an error if it cannot be built), =0 skips it; unset,
+it is built only when torch with CUDA is importable at build time and nvcc is found.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+PACKAGES = ["dsd_fast"] + [f"dsd_fast.{p.name}" for p in sorted((ROOT / "dsd_fast").iterdir())
+                           if (p / "__init__.py").exists()] + ["dsd_fast.kernels"]
+
+
+def _warn(msg):
+    print(f"dsd-fast: {msg}", file=sys.stderr)
+
+
+def cuda_extensions():
+    mode = os.environ.get("DSD_FAST_BUILD_CUDA", "auto").lower()
+    if mode in ("0", "false", "no", "off"):
+        return [], {}
+    force = mode in ("1", "true", "yes", "on")
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[pu]*"))
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        reason = "torch is not importable at build time (use pip install --no-build-isolation)"
+    else:
+        if not sources:
+            reason = "no sources in csrc/"
+        elif torch.version.cuda is None:
+            reason = f"torch {torch.__version__} is a CPU build"
+        elif CUDA_HOME is None:
+            reason = "no CUDA toolkit found (set CUDA_HOME)"
+        else:
+            ext = CUDAExtension(
+                "dsd_fast._C", sources,
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            )
+            return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    if force:
+        raise RuntimeError(f"DSD_FAST_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+    _warn(f"skipping the optional CUDA extension: {reason}")
+    return [], {}
+
+
+ext_modules, cmdclass = cuda_extensions()
+setup(
+    packages=PACKAGES,
+    package_dir={"dsd_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
