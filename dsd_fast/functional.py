@@ -1,0 +1,168 @@
+"""Public op API (DESIGN §2). Validates arguments, then dispatches to the fastest eligible backend.
+
+Per-sample losses are the SUM over C, H, W (shape [B]), so `.mean()` equals EDM/SiD's
+`loss.sum() / batch`.
+"""
+
+import math
+import numbers
+
+import torch
+
+from .reference import dct as _dct
+from .reference import losses as _losses
+from .reference import philox as _philox
+
+__all__ = ["corrupt", "add_noise", "ambient_loss", "sid_generator_loss", "dct2", "idct2", "dct_blur"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: every error names the argument and what was expected.
+
+def _check_image(name, x, ndim=4):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor (NCHW), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+
+
+def _check_like(name, x, ref_name, ref):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.shape != ref.shape:
+        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (as {ref_name}), got {tuple(x.shape)}")
+    if x.dtype != ref.dtype:
+        raise ValueError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {x.device}")
+
+
+def _check_scalar(name, v, *, positive=False):
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite real number, got {v!r}")
+    if v < 0 or (positive and v == 0):
+        raise ValueError(f"{name}: expected {'> 0' if positive else '>= 0'}, got {v}")
+    return float(v)
+
+
+def _check_per_sample(name, v, ref, *, greater_than=None, allow_scalar=True):
+    """A per-sample value: a python scalar / 0-d tensor (broadcast) or a [B] tensor on ref's device."""
+    B = ref.shape[0]
+    if allow_scalar and (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.ndim == 0)):
+        v = torch.full((B,), float(v), dtype=ref.dtype, device=ref.device)
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor of shape [{B}] or a number, got {type(v).__name__}")
+    if v.shape != (B,):
+        raise ValueError(f"{name}: expected shape [{B}] (one value per sample), got {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {v.dtype}")
+    if v.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device}, got {v.device}")
+    vd = v.detach()
+    if not torch.isfinite(vd).all():
+        raise ValueError(f"{name}: expected finite values, got {vd[~torch.isfinite(vd)][:4].tolist()}")
+    if (vd < 0).any():
+        raise ValueError(f"{name}: expected values >= 0, got min {vd.min().item()}")
+    if greater_than is not None and (vd <= greater_than).any():
+        raise ValueError(f"{name}: expected every value > sigma = {greater_than}, got min {vd.min().item()}")
+    return v
+
+
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def _check_index(index, ref):
+    B = ref.shape[0]
+    if not isinstance(index, torch.Tensor):
+        index = torch.as_tensor(index)
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise ValueError(f"index: expected an integer tensor of shape [{B}], got dtype {index.dtype}")
+    if index.shape != (B,):
+        raise ValueError(f"index: expected shape [{B}] (one image index per sample), got {tuple(index.shape)}")
+    if (index < 0).any():
+        raise ValueError(f"index: expected non-negative image indices, got min {index.min().item()}")
+    return index.to(device=ref.device, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ops.
+
+def corrupt(x, sigma, *, seed, index):
+    """y = x + sigma * eps with eps[i] fixed by (seed, index[i]): the dataset's one corruption draw."""
+    _check_image("x", x)
+    sigma = _check_scalar("sigma", sigma)
+    seed = _check_seed(seed)
+    index = _check_index(index, x)
+    eps = _philox.corrupt_noise(seed, index, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    return x + sigma * eps
+
+
+def add_noise(y, sigma_t, sigma, *, seed, offset=0):
+    """x_t = y + sqrt(sigma_t^2 - sigma^2) eps, eps = Philox stream (seed, offset + flat element index)."""
+    _check_image("y", y)
+    sigma = _check_scalar("sigma", sigma)
+    sigma_t = _check_per_sample("sigma_t", sigma_t, y, greater_than=sigma)
+    seed = _check_seed(seed)
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+        raise ValueError(f"offset: expected a non-negative integer, got {offset!r}")
+    eps = _philox.stream_normal(seed, int(offset), tuple(y.shape), dtype=y.dtype, device=y.device)
+    scale = (sigma_t**2 - sigma**2).sqrt().reshape(-1, 1, 1, 1)
+    return y + scale * eps
+
+
+def ambient_loss(x0_hat, x_t, y, sigma_t, sigma, weight=None):
+    """Per-sample ambient-Tweedie loss (DSD Eq. 3) [B]; weight None means EDM's w(sigma_t)."""
+    _check_image("x0_hat", x0_hat)
+    _check_like("x_t", x_t, "x0_hat", x0_hat)
+    _check_like("y", y, "x0_hat", x0_hat)
+    sigma = _check_scalar("sigma", sigma)
+    sigma_t = _check_per_sample("sigma_t", sigma_t, x0_hat, greater_than=sigma)
+    if weight is not None:
+        weight = _check_per_sample("weight", weight, x0_hat)
+    return _losses.ambient_loss(x0_hat, x_t, y, sigma_t, sigma, weight)
+
+
+def sid_generator_loss(f_phi, f_psi, x_g, alpha=1.2, weight=None):
+    """Per-sample SiD generator loss (Eq. 10) [B]; weight None means w_g = 1 / mean|x_g - f_phi|."""
+    _check_image("f_phi", f_phi)
+    _check_like("f_psi", f_psi, "f_phi", f_phi)
+    _check_like("x_g", x_g, "f_phi", f_phi)
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha: expected a finite real number, got {alpha!r}")
+    if weight is not None:
+        weight = _check_per_sample("weight", weight, f_phi)
+    return _losses.sid_generator_loss(f_phi, f_psi, x_g, float(alpha), weight)
+
+
+def _check_dct_input(name, x):
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a floating-point tensor with >= 2 dims (..., H, W), got {got}")
+    if x.shape[-1] > 256 or x.shape[-2] > 256:
+        raise ValueError(f"{name}: expected H, W <= 256, got {tuple(x.shape[-2:])}")
+
+
+def dct2(x):
+    """Orthonormal 2-D DCT-II over the last two dims."""
+    _check_dct_input("x", x)
+    return _dct.dct2(x)
+
+
+def idct2(x):
+    """Inverse of dct2 (orthonormal DCT-III) over the last two dims."""
+    _check_dct_input("x", x)
+    return _dct.idct2(x)
+
+
+def dct_blur(x, b):
+    """Gaussian blur with std b pixels (reflective borders) as D^T diag(exp(-lambda b^2/2)) D; b per sample."""
+    _check_image("x", x)
+    b = _check_per_sample("b", b, x)
+    return _dct.dct_blur(x, b)
