@@ -9,11 +9,16 @@ import numbers
 
 import torch
 
+from .ops import backend
+from .ops import losses as _ops_losses
+from .ops import noise as _ops_noise
 from .reference import dct as _dct
+from .reference import edm as _edm
 from .reference import losses as _losses
 from .reference import philox as _philox
 
-__all__ = ["corrupt", "add_noise", "ambient_loss", "sid_generator_loss", "dct2", "idct2", "dct_blur"]
+__all__ = ["corrupt", "add_noise", "ambient_loss", "ambient_loss_precond", "sid_generator_loss", "dmd_loss",
+           "sds_loss", "dct2", "idct2", "dct_blur"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,6 +105,8 @@ def corrupt(x, sigma, *, seed, index):
     sigma = _check_scalar("sigma", sigma)
     seed = _check_seed(seed)
     index = _check_index(index, x)
+    if backend.choose("corrupt", x.device, _ops_noise.SUPPORTED) != "reference":
+        return _ops_noise.corrupt(x, sigma, seed, index)
     eps = _philox.corrupt_noise(seed, index, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     return x + sigma * eps
 
@@ -112,6 +119,8 @@ def add_noise(y, sigma_t, sigma, *, seed, offset=0):
     seed = _check_seed(seed)
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
         raise ValueError(f"offset: expected a non-negative integer, got {offset!r}")
+    if backend.choose("add_noise", y.device, _ops_noise.SUPPORTED) != "reference":
+        return _ops_noise.add_noise(y, sigma_t, sigma, seed, int(offset))
     eps = _philox.stream_normal(seed, int(offset), tuple(y.shape), dtype=y.dtype, device=y.device)
     scale = (sigma_t**2 - sigma**2).sqrt().reshape(-1, 1, 1, 1)
     return y + scale * eps
@@ -126,7 +135,25 @@ def ambient_loss(x0_hat, x_t, y, sigma_t, sigma, weight=None):
     sigma_t = _check_per_sample("sigma_t", sigma_t, x0_hat, greater_than=sigma)
     if weight is not None:
         weight = _check_per_sample("weight", weight, x0_hat)
+    if backend.choose("ambient_loss", x0_hat.device, _ops_losses.SUPPORTED) != "reference":
+        return _ops_losses.ambient_loss(x0_hat, x_t, y, sigma_t, sigma, weight)
     return _losses.ambient_loss(x0_hat, x_t, y, sigma_t, sigma, weight)
+
+
+def ambient_loss_precond(F_x, x_t, y, sigma_t, sigma, weight=None):
+    """ambient_loss of the EDM-preconditioned x0_hat = c_skip(sigma_t) x_t + c_out(sigma_t) F_x, F_x the raw
+    network output; the fused op never materialises x0_hat."""
+    _check_image("F_x", F_x)
+    _check_like("x_t", x_t, "F_x", F_x)
+    _check_like("y", y, "F_x", F_x)
+    sigma = _check_scalar("sigma", sigma)
+    sigma_t = _check_per_sample("sigma_t", sigma_t, F_x, greater_than=sigma)
+    if weight is not None:
+        weight = _check_per_sample("weight", weight, F_x)
+    if backend.choose("ambient_loss_precond", F_x.device, _ops_losses.SUPPORTED) != "reference":
+        return _ops_losses.ambient_loss_precond(F_x, x_t, y, sigma_t, sigma, weight)
+    s = sigma_t.to(F_x.dtype).reshape(-1, 1, 1, 1)
+    return _losses.ambient_loss(_edm.c_skip(s) * x_t + _edm.c_out(s) * F_x, x_t, y, sigma_t, sigma, weight)
 
 
 def sid_generator_loss(f_phi, f_psi, x_g, alpha=1.2, weight=None):
@@ -138,7 +165,39 @@ def sid_generator_loss(f_phi, f_psi, x_g, alpha=1.2, weight=None):
         raise ValueError(f"alpha: expected a finite real number, got {alpha!r}")
     if weight is not None:
         weight = _check_per_sample("weight", weight, f_phi)
+    if backend.choose("sid_generator_loss", f_phi.device, _ops_losses.SUPPORTED) != "reference":
+        return _ops_losses.sid_generator_loss(f_phi, f_psi, x_g, float(alpha), weight)
     return _losses.sid_generator_loss(f_phi, f_psi, x_g, float(alpha), weight)
+
+
+def dmd_loss(f_phi, f_psi, x_g, weight=None):
+    """DMD surrogate (Eq. 9) [B]: its gradient w.r.t. x_g is w (f_psi - f_phi), scores held fixed; weight None
+    means w = 1 / mean|x_g - f_phi|. Only x_g receives a gradient."""
+    _check_image("f_phi", f_phi)
+    _check_like("f_psi", f_psi, "f_phi", f_phi)
+    _check_like("x_g", x_g, "f_phi", f_phi)
+    if weight is not None:
+        weight = _check_per_sample("weight", weight, f_phi)
+    if backend.choose("dmd_loss", f_phi.device, _ops_losses.SUPPORTED) != "reference":
+        return _ops_losses.dmd_loss(f_phi, f_psi, x_g, weight)
+    return _losses.dmd_loss(f_phi, f_psi, x_g, weight)
+
+
+def sds_loss(f_phi, x_t, eps, x_g, sigma_t, weight=None):
+    """SDS surrogate (Eq. 8) [B]: its gradient w.r.t. x_g is w (eps_phi - eps), eps_phi = (x_t - f_phi) / sigma_t;
+    weight None means w = sigma_t / mean|x_g - f_phi|. Only x_g receives a gradient."""
+    _check_image("f_phi", f_phi)
+    _check_like("x_t", x_t, "f_phi", f_phi)
+    _check_like("eps", eps, "f_phi", f_phi)
+    _check_like("x_g", x_g, "f_phi", f_phi)
+    sigma_t = _check_per_sample("sigma_t", sigma_t, f_phi)
+    if (sigma_t.detach() == 0).any():
+        raise ValueError("sigma_t: expected every value > 0 (eps_phi divides by sigma_t), got a zero")
+    if weight is not None:
+        weight = _check_per_sample("weight", weight, f_phi)
+    if backend.choose("sds_loss", f_phi.device, _ops_losses.SUPPORTED) != "reference":
+        return _ops_losses.sds_loss(f_phi, x_t, eps, x_g, sigma_t, weight)
+    return _losses.sds_loss(f_phi, x_t, eps, x_g, sigma_t, weight)
 
 
 def _check_dct_input(name, x):

@@ -1,0 +1,199 @@
+"""Corruption and noise injection as torch.library custom ops, with the Philox noise drawn in-kernel.
+
+dsd_fast::corrupt(x, sigma, seed, index) = x + sigma eps, eps[b, j] = randn(seed, index[b] * CHW + j);
+dsd_fast::add_noise(y, sigma_t, sigma, seed, offset) = y + sqrt(sigma_t^2 - sigma^2) eps,
+eps[b, j] = randn(seed, offset + b * CHW + j) (j the flat C, H, W index). Seeds are uint64; the ops take
+their int64 two's-complement view (`signed_seed`), which Philox reads as the same 64 bits.
+
+The Triton kernels (dsd_fast.kernels.noise) run for float32/bfloat16/float16 tensors on CUDA (or under
+TRITON_INTERPRET=1 when DSD_FAST_BACKEND=triton); otherwise the reference math of dsd_fast.reference.philox.
+Both draw the same normals; the kernels add them in float32 and round once.
+"""
+
+import functools
+
+import torch
+from torch import Tensor
+
+from dsd_fast.ops import backend
+from dsd_fast.reference import philox as _philox
+
+SUPPORTED = ("triton", "reference")
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Elements per program of the one-block-per-program kernels (here and in ops.losses): on an H100
+# (512x3x64x64 float32, do_bench) 1024 / 4 warps gave the fastest backward kernels (1.6-2.2 TB/s);
+# corrupt / add_noise timings were host-bound (50-200 us, no stable winner among 1024-4096, 4-8 warps).
+GPU_BLOCK = 1024
+NUM_WARPS = 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backend choice and launch helpers (shared with dsd_fast.ops.losses).
+
+def use_triton(op, x):
+    """True to run `op` on x with the Triton kernels; raises when they are forced but cannot take x."""
+    if backend.choose(op, x.device, supported=SUPPORTED) != "triton":
+        return False
+    if x.dtype in TRITON_DTYPES:
+        return True
+    if backend.requested() == "triton":
+        raise RuntimeError(f"DSD_FAST_BACKEND=triton cannot run {op}: the kernels take float32/bfloat16/"
+                           f"float16 tensors, got {x.dtype}")
+    return False
+
+
+def interpreting(device):
+    return device.type != "cuda"  # Triton on a CPU tensor only runs under TRITON_INTERPRET=1
+
+
+def next_pow2(n):
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def out_buffer(like, shape=None):
+    """A kernel's output buffer of like's dtype, except 16-bit under the interpreter: written in float32 and
+    rounded by the launcher with torch (`.to(like.dtype)`), because the interpreter's float32 -> bfloat16 /
+    float16 casts truncate where compiled Triton rounds to nearest even."""
+    interp16 = interpreting(like.device) and like.dtype in (torch.bfloat16, torch.float16)
+    return like.new_empty(like.shape if shape is None else shape, dtype=torch.float32 if interp16 else like.dtype)
+
+
+def elementwise_block(chw, device):
+    """BLOCK of the one-block-per-program kernels."""
+    if interpreting(device):
+        return min(next_pow2(chw), 16384)  # the interpreter pays per program: few, big ones
+    return min(next_pow2(chw), GPU_BLOCK)
+
+
+@functools.cache
+def _kernels():
+    from dsd_fast.kernels import noise  # imported late: triton is optional, the reference path needs none
+
+    return noise
+
+
+def signed_seed(seed):
+    """The int64 view of a uint64 seed (custom-op ints are int64)."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _rows(x):
+    """x as contiguous [B, CHW] (the interpreter silently misreads strided tensors) and CHW."""
+    B = x.shape[0]
+    chw = x.numel() // B if B else 0
+    return x.contiguous().view(B, chw), chw
+
+
+def _eps_stream(y, seed, offset):
+    return _philox.stream_normal(seed % 2**64, offset, tuple(y.shape), torch.float32, y.device)
+
+
+def _check_offset(offset, n):
+    if not 0 <= offset <= 2**63 - n:
+        raise ValueError(f"offset: expected an int in [0, 2^63 - numel] (int64 Philox counters), got {offset}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# corrupt: y = x + sigma eps, eps fixed by (seed, index[b]).
+
+@torch.library.custom_op("dsd_fast::corrupt", mutates_args=())
+def _corrupt(x: Tensor, sigma: float, seed: int, index: Tensor) -> Tensor:
+    if not use_triton("corrupt", x) or x.numel() == 0:
+        eps = _philox.corrupt_noise(seed % 2**64, index, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        return (x + sigma * eps).contiguous()
+    x2, chw = _rows(x)
+    index = index.to(device=x.device, dtype=torch.int64).contiguous()
+    y = out_buffer(x2)
+    BLOCK = elementwise_block(chw, x.device)
+    _kernels().corrupt_kernel[(x2.shape[0], cdiv(chw, BLOCK))](x2, index, y, sigma, seed % 2**64, chw,
+                                                                       BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return y.view(x.shape).to(x.dtype)
+
+
+@_corrupt.register_fake
+def _(x, sigma, seed, index):
+    return x.new_empty(x.shape)
+
+
+def _corrupt_backward(ctx, grad):
+    return grad, None, None, None
+
+
+_corrupt.register_autograd(_corrupt_backward)
+
+
+def corrupt(x, sigma, seed, index):
+    """y = x + sigma eps with eps[b] = randn(seed, index[b] * CHW + arange(CHW)); seed in [0, 2^64) and
+    0 <= index < 2^63 / CHW (int64 counters; not checked here: a check is a host sync per call)."""
+    return _corrupt(x, float(sigma), signed_seed(seed), index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# add_noise: x_t = y + sqrt(sigma_t^2 - sigma^2) eps, eps the flat stream from offset.
+
+@torch.library.custom_op("dsd_fast::add_noise", mutates_args=())
+def _add_noise(y: Tensor, sigma_t: Tensor, sigma: float, seed: int, offset: int) -> Tensor:
+    _check_offset(offset, y.numel())
+    if not use_triton("add_noise", y) or y.numel() == 0:
+        q = (sigma_t**2 - sigma**2).sqrt().reshape(-1, *([1] * (y.ndim - 1)))
+        return (y + q * _eps_stream(y, seed, offset).to(y.dtype)).contiguous()
+    y2, chw = _rows(y)
+    x_t = out_buffer(y2)
+    BLOCK = elementwise_block(chw, y.device)
+    _kernels().add_noise_kernel[(y2.shape[0], cdiv(chw, BLOCK))](
+        y2, sigma_t.contiguous(), x_t, sigma, seed % 2**64, offset, chw, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return x_t.view(y.shape).to(y.dtype)
+
+
+@_add_noise.register_fake
+def _(y, sigma_t, sigma, seed, offset):
+    return y.new_empty(y.shape)
+
+
+@torch.library.custom_op("dsd_fast::add_noise_backward", mutates_args=())
+def _add_noise_backward(grad: Tensor, sigma_t: Tensor, sigma: float, seed: int, offset: int) -> Tensor:
+    """d/d sigma_t of sum(grad * x_t) = sigma_t / sqrt(sigma_t^2 - sigma^2) * sum_CHW(grad * eps)."""
+    if not use_triton("add_noise", grad) or grad.numel() == 0:
+        dot = (grad.float() * _eps_stream(grad, seed, offset)).flatten(1).sum(1)
+    else:
+        g2, chw = _rows(grad)
+        BLOCK = elementwise_block(chw, grad.device)
+        NC = cdiv(chw, BLOCK)
+        partial = grad.new_empty(g2.shape[0], NC, dtype=torch.float32)
+        _kernels().add_noise_dot_kernel[(g2.shape[0], NC)](g2, partial, seed % 2**64, offset, chw, NC,
+                                                          BLOCK=BLOCK, num_warps=NUM_WARPS)
+        dot = partial.sum(1)
+    s = sigma_t.to(dot.dtype)
+    return (s / (s**2 - sigma**2).sqrt() * dot).to(sigma_t.dtype)
+
+
+@_add_noise_backward.register_fake
+def _(grad, sigma_t, sigma, seed, offset):
+    return sigma_t.new_empty(sigma_t.shape)
+
+
+def _add_noise_setup(ctx, inputs, output):
+    _, sigma_t, ctx.sigma, ctx.seed, ctx.offset = inputs
+    ctx.save_for_backward(sigma_t)
+
+
+def _add_noise_grads(ctx, grad):
+    (sigma_t,) = ctx.saved_tensors
+    grad_y = grad if ctx.needs_input_grad[0] else None
+    grad_sigma_t = None
+    if ctx.needs_input_grad[1]:
+        grad_sigma_t = _add_noise_backward(grad, sigma_t, ctx.sigma, ctx.seed, ctx.offset)
+    return grad_y, grad_sigma_t, None, None, None
+
+
+_add_noise.register_autograd(_add_noise_grads, setup_context=_add_noise_setup)
+
+
+def add_noise(y, sigma_t, sigma, seed, offset=0):
+    """x_t = y + sqrt(sigma_t^2 - sigma^2) eps, eps[b, j] = randn(seed, offset + b * CHW + j); sigma_t [B]."""
+    return _add_noise(y, sigma_t, float(sigma), signed_seed(seed), offset)
+
