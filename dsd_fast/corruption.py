@@ -13,10 +13,10 @@ import math
 
 import torch
 
+from dsd_fast import functional
 from dsd_fast.reference.dct import blur_eigenvalues, dct2, dct_blur, idct2
 from dsd_fast.reference.edm import edm_weight
 from dsd_fast.reference.losses import ambient_prediction
-from dsd_fast.reference.philox import corrupt_noise
 
 SCHEDULES = ("fixed", "linear")
 
@@ -70,8 +70,8 @@ class Corruption:
         _check_images("x", x)
         if not isinstance(index, torch.Tensor) or index.shape != (x.shape[0],):
             raise ValueError(f"index: expected an integer tensor of shape [{x.shape[0]}], got {index!r}")
-        eps = corrupt_noise(seed, index, tuple(x.shape[1:]), x.dtype, x.device)
-        return self.A(x) + self.sigma * eps
+        # The public op: the fused Philox kernel on GPU, the reference elsewhere.
+        return functional.corrupt(self.A(x), self.sigma, seed=seed, index=index)
 
     def Psi(self, s):
         return _col(s)
