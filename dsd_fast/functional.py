@@ -10,6 +10,7 @@ import numbers
 import torch
 
 from .ops import backend
+from .ops import dct as _ops_dct
 from .ops import losses as _ops_losses
 from .ops import noise as _ops_noise
 from .reference import dct as _dct
@@ -211,12 +212,16 @@ def _check_dct_input(name, x):
 def dct2(x):
     """Orthonormal 2-D DCT-II over the last two dims."""
     _check_dct_input("x", x)
+    if backend.choose("dct2", x.device, _ops_dct.SUPPORTED) != "reference":
+        return _ops_dct.dct2(x)
     return _dct.dct2(x)
 
 
 def idct2(x):
     """Inverse of dct2 (orthonormal DCT-III) over the last two dims."""
     _check_dct_input("x", x)
+    if backend.choose("idct2", x.device, _ops_dct.SUPPORTED) != "reference":
+        return _ops_dct.idct2(x)
     return _dct.idct2(x)
 
 
@@ -224,4 +229,6 @@ def dct_blur(x, b):
     """Gaussian blur with std b pixels (reflective borders) as D^T diag(exp(-lambda b^2/2)) D; b per sample."""
     _check_image("x", x)
     b = _check_per_sample("b", b, x)
+    if backend.choose("dct_blur", x.device, _ops_dct.SUPPORTED) != "reference":
+        return _ops_dct.dct_blur(x, b)
     return _dct.dct_blur(x, b)
