@@ -12,7 +12,10 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
+
+from dsd_fast.ops import backend
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -120,3 +123,22 @@ def record(benchmark, nbytes, **info):
         median = benchmark.stats.stats.median
         benchmark.extra_info["median_ms"] = median * 1e3
         benchmark.extra_info["GBps"] = nbytes / median / 1e9
+
+
+_compiled = {}
+
+
+def provider_function(op, provider, reference, fused, monkeypatch):
+    """The callable a case times: the eager reference, torch.compile of it (one static graph per op and
+    shape), or the fused op with the Triton backend forced (skipped where Triton cannot run)."""
+    if provider == "reference":
+        return reference
+    if provider == "compiled":
+        if op not in _compiled:
+            _compiled[op] = torch.compile(reference, dynamic=False, backend=COMPILE_BACKEND)
+        return _compiled[op]
+    reason = backend.why_not("triton", op, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv("DSD_FAST_BACKEND", "triton")
+    return fused

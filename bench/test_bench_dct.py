@@ -11,10 +11,9 @@ import math
 
 import pytest
 import torch
-from common import COMPILE_BACKEND, CUDA, DEVICE, record, run
+from common import CUDA, DEVICE, provider_function, record, run
 
 from dsd_fast.corruption import BlurNoiseCorruption
-from dsd_fast.ops import backend
 from dsd_fast.ops import dct as ops_dct
 from dsd_fast.reference import dct as ref
 
@@ -84,31 +83,12 @@ def _make_set(op, shape, dtype):
     return make
 
 
-_compiled = {}
-
-
-def _function(op, provider, monkeypatch):
-    reference, fused = OPS[op][4:]
-    if provider == "reference":
-        return reference
-    if provider == "compiled":
-        # One compiled function per op; dynamic=False: each shape/dtype gets its own static graph.
-        if op not in _compiled:
-            _compiled[op] = torch.compile(reference, dynamic=False, backend=COMPILE_BACKEND)
-        return _compiled[op]
-    reason = backend.why_not("triton", op, DEVICE)
-    if reason is not None:
-        pytest.skip(reason)
-    monkeypatch.setenv("DSD_FAST_BACKEND", "triton")
-    return fused
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("op, mode", CASES)
 def test_dct(benchmark, monkeypatch, op, mode, provider, shape, dtype):
-    fn = _function(op, provider, monkeypatch)
+    fn = provider_function(op, provider, *OPS[op][4:], monkeypatch)
     benchmark.group = f"{op} {mode} {'x'.join(map(str, shape))} {dtype}"
     run(benchmark, _make_set(op, shape, dtype), fn, mode, OPS[op][2])
     B, C, H, W = shape
