@@ -155,6 +155,11 @@ class BlurNoiseCorruption(Corruption):
         _check_images("x", x)
         return dct_blur(x, self.blur)
 
+    @property
+    def kinks(self):
+        """Levels where b(s) is not smooth (samplers put them on their grid): s = sigma for "fixed"."""
+        return (self.sigma,) if self.schedule == "fixed" and self.sigma > 0 else ()
+
     def b(self, s):
         """Blur std b(s) in pixels, per sample [B] -> [B,1,1,1]."""
         s = _col(s)

@@ -61,14 +61,16 @@ def karras_sigmas(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=No
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def _heun(f, y, t_steps):
+def _heun(f, y, t_steps, f_end=None):
     """EDM's deterministic 2nd-order Heun for dy/dt = f(y, t) over t_steps (a list ending in 0).
-    The last step is Euler: f is evaluated at t > 0 only."""
+    The last step is Euler: f is evaluated at t > 0 only. f_end (default f) evaluates the field at a step's
+    end point, for fields that are only piecewise smooth in t."""
+    f_end = f if f_end is None else f_end
     for t_cur, t_next in pairwise(t_steps):
         d_cur = f(y, t_cur)
         y_next = y + (t_next - t_cur) * d_cur
         if t_next > 0:
-            y_next = y + (t_next - t_cur) * (0.5 * d_cur + 0.5 * f(y_next, t_next))
+            y_next = y + (t_next - t_cur) * (0.5 * d_cur + 0.5 * f_end(y_next, t_next))
         y = y_next
     return y
 
@@ -129,27 +131,36 @@ def dct_ode_sample(D, latents, process, num_steps=18, sigma_min=0.002, sigma_max
     and dPsi/ds are forward-mode derivatives of process.Lambda and process.Psi, taken once per grid level
     (the level is shared by the batch). With Lambda = 1 and Psi = s (noise only) this is EDM's
     dx/ds = (x - D(x, s)) / s in an orthonormal basis, i.e. edm_heun.
-    A schedule whose Lambda_s has a kink (BlurNoiseCorruption "fixed" at s = sigma) makes the Heun step
-    that straddles it 1st order.
+    A schedule with a kink (process.kinks, e.g. BlurNoiseCorruption "fixed" at s = sigma) would make the
+    Heun step straddling it 1st order: each kink joins the grid, and each step takes the derivatives there
+    from its own side, so every step integrates a smooth field.
     """
     _check_latents(latents, min_ndim=4)
     H, W = latents.shape[-2:]
     t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
+    kinks = [k for k in getattr(process, "kinks", ()) if t_steps[-2] < k < t_steps[0]]
+    t_steps = sorted(set(t_steps[:-1]) | set(kinks), reverse=True) + [0.0]
 
-    def coefficients(s):
-        s_vec, ones = latents.new_full((1,), s), latents.new_ones(1)
-        Lambda, dLambda = torch.func.jvp(lambda u: process.Lambda(u, H, W), (s_vec,), (ones,))
-        Psi, dPsi = torch.func.jvp(process.Psi, (s_vec,), (ones,))
+    def coefficients(s, side):
+        # side -1: the interval below s (a step starting at s), +1: above s (a step ending at s).
+        s_d = s * (1 + side * 1e-6) if s in kinks else s
+        ones = latents.new_ones(1)
+        Lambda = process.Lambda(latents.new_full((1,), s), H, W)
+        _, dLambda = torch.func.jvp(lambda u: process.Lambda(u, H, W), (latents.new_full((1,), s_d),), (ones,))
+        Psi, dPsi = torch.func.jvp(process.Psi, (latents.new_full((1,), s),), (ones,))
         return Lambda, dLambda, dPsi / Psi
 
-    coef = {s: coefficients(s) for s in t_steps[:-1]}
+    coef = {(s, side): coefficients(s, side) for s in t_steps[:-1] for side in (-1, 1)}
 
-    def f(Y, s):
-        Lambda, dLambda, dlogPsi = coef[s]
-        Y0_hat = dct2(_denoise(D, idct2(Y), s))
-        return dLambda * Y0_hat + dlogPsi * (Y - Lambda * Y0_hat)
+    def step_field(side):
+        def f(Y, s):
+            Lambda, dLambda, dlogPsi = coef[s, side]
+            Y0_hat = dct2(_denoise(D, idct2(Y), s))
+            return dLambda * Y0_hat + dlogPsi * (Y - Lambda * Y0_hat)
 
-    return idct2(_heun(f, dct2(latents * t_steps[0]), t_steps))
+        return f
+
+    return idct2(_heun(step_field(-1), dct2(latents * t_steps[0]), t_steps, f_end=step_field(1)))
 
 
 def one_step(G, z, sigma_init=2.5):
