@@ -1,0 +1,91 @@
+"""DSD training: Phase I (ambient pretraining), Phase II (score distillation), or both in one run directory."""
+
+import torch
+
+from ..networks import resolve_config
+from .loop import RunDir, TrainingError, load_checkpoint, run_phase, steps_for
+from .options import Options
+from .phase1 import Pretrain
+from .phase2 import Distill, check_teacher
+
+PHASES = ("pretrain", "distill")
+
+__all__ = ["Distill", "Options", "PHASES", "Pretrain", "RunDir", "TrainingError", "load_data", "train"]
+
+
+def load_data(options, config, device):
+    """The run's observations on device: GPUData over the data set, corrupted once per image with the run's
+    corruption and seed unless options.noisy_data. The images must match the network's resolution/channels."""
+    from ..data import GPUData, load_images, resolve_source
+
+    source = resolve_source(options.dataset, options.data)
+    images = load_images(source, resolution=config.img_resolution, channels=config.in_channels,
+                         max_images=options.max_images)
+    return GPUData(images, device=device, corruption=None if options.noisy_data else options.make_corruption(),
+                   seed=options.seed, noisy=options.noisy_data, xflip=options.xflip)
+
+
+def _check_data(data, config):
+    if data is not None and (data.resolution, data.channels) != (config.img_resolution, config.in_channels):
+        raise ValueError(f"dataset: images are {data.channels}x{data.resolution}x{data.resolution} (CxHxW) but "
+                         f"the network expects {config.in_channels}x{config.img_resolution}x{config.img_resolution}")
+
+
+def train(options=None, *, phases=("pretrain",), outdir=None, resume=None, data=None, on_step=None,
+          progress=True):
+    """Run `phases` (a tuple in PHASES order) in a new run directory `outdir`, or continue the run in `resume`
+    (options None: the saved ones; else they may differ only in options.RESUMABLE fields). data: a GPUData
+    to use instead of loading options.dataset. Every check runs before anything is written.
+    Returns "done" or "interrupted" (Ctrl-C; last.pt written)."""
+    if not phases or tuple(p for p in PHASES if p in phases) != tuple(phases):
+        raise ValueError(f"phases: expected a non-empty tuple in the order {PHASES}, got {phases!r}")
+    if (outdir is None) == (resume is None):
+        raise ValueError("outdir/resume: expected exactly one of them (a new run, or a run to continue)")
+    state = None
+    if resume is not None:
+        run, saved, state = RunDir.open(resume)
+        options = saved if options is None else options
+        run.check_resume(saved, options)
+        if state["phase"] not in phases:
+            raise ValueError(f"resume: {run.path} stopped in phase {state['phase']!r}, which this command "
+                             f"({'/'.join(phases)}) does not run")
+    elif options is None:
+        raise ValueError("options: expected an Options for a new run")
+    config = resolve_config(options.preset)
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher_state = None
+    if phases[0] == "distill" and (state is None or state["phase"] != "distill"):
+        if options.teacher is None:
+            raise ValueError("teacher: Phase II alone needs a Phase I checkpoint (--teacher)")
+        teacher = load_checkpoint(options.teacher)
+        check_teacher(teacher, config, options.teacher)
+        teacher_state = teacher["ema"]
+    if data is None and options.dataset is not None:
+        data = load_data(options, config, device)
+    if data is None and "pretrain" in phases:
+        raise ValueError("dataset: Phase I needs a data set (--dataset)")
+    _check_data(data, config)
+
+    if resume is None:
+        run = RunDir.create(outdir, options)
+    else:
+        run.update_options(options)
+        run.truncate_metrics(PHASES, state["phase"], state["step"])
+    start = phases.index(state["phase"]) if state is not None else 0
+    for name in phases[start:]:
+        resuming = state is not None and state["phase"] == name
+        if name == "pretrain":
+            phase = Pretrain(options, config, data, device)
+            total = steps_for(options.pretrain_kimg, options.batch)
+        else:
+            if resuming:
+                teacher_state = state["teacher"]
+            phase = Distill(options, config, data, device, teacher_state)
+            total = steps_for(options.distill_kimg, options.batch)
+        if resuming:
+            phase.load_state_dict(state)
+        if run_phase(phase, run, total, on_step=on_step, progress=progress) == "interrupted":
+            return "interrupted"
+        if name == "pretrain":
+            teacher_state = phase.ema.state_dict()
+    return "done"

@@ -1,0 +1,146 @@
+"""Training configuration as data: one dataclass, validated once, saved as the run's options.json."""
+
+import dataclasses
+import json
+import math
+
+from ..corruption import BlurNoiseCorruption, NoiseCorruption
+from ..networks import PRESETS
+
+CORRUPTIONS = ("noise", "blur")
+PRECISIONS = ("fp32", "tf32", "bf16")
+SIGMA_SAMPLINGS = ("truncated", "clamp")
+DISTILL_LOSSES = ("sid", "dmd", "sds")
+
+# Per-preset defaults: EDM (batch 512, lr 1e-3 at 32^2; 2e-4 at 64^2 with batch 256 as EDM's AFHQ/FFHQ runs),
+# SiD (generator/fake lr 1e-5, AFHQ 5e-6 with alpha 1.0). cpu-tiny: lr 2e-3 (a 0.3M-parameter net tolerates
+# more; its only jobs are tests and the CPU demo).
+PRESET_DEFAULTS = {
+    "cifar10": dict(batch=512, lr=1e-3, g_lr=1e-5, alpha=1.2),
+    "fashion-mnist": dict(batch=512, lr=1e-3, g_lr=1e-5, alpha=1.2),
+    "afhq": dict(batch=256, lr=2e-4, g_lr=5e-6, alpha=1.0),
+    "ffhq": dict(batch=256, lr=2e-4, g_lr=1e-5, alpha=1.2),
+    "celebahq": dict(batch=256, lr=2e-4, g_lr=1e-5, alpha=1.2),
+    "cpu-tiny": dict(batch=64, lr=2e-3, g_lr=1e-4, alpha=1.2),
+}
+
+# Fields a resumed run may change: how long it runs and how it reports, never what it computes.
+RESUMABLE = frozenset({"pretrain_kimg", "distill_kimg", "snapshot_kimg", "log_every", "device", "compile",
+                       "max_nonfinite"})
+
+
+@dataclasses.dataclass
+class Options:
+    # Data and corruption (y = A x + sigma eps, one fixed draw per image).
+    dataset: str | None = None  # preset name or path; None only for distill (no real data needed)
+    data: str | None = None  # explicit path for a preset name
+    noisy_data: bool = False  # the dataset is already corrupted: use it as-is
+    max_images: int | None = None
+    xflip: bool = True
+    corruption: str = "noise"
+    sigma: float = 0.2
+    blur: float = 0.0
+    blur_schedule: str = "fixed"
+    # Network and run.
+    preset: str = "cifar10"
+    seed: int = 0
+    batch: int | None = None  # images per optimiser step (all ranks); None: preset default
+    batch_gpu: int | None = None  # images per forward/backward round; None: the whole batch
+    precision: str = "fp32"
+    compile: bool = False
+    device: str | None = None
+    snapshot_kimg: float = 500.0
+    log_every: int = 10  # steps between metrics.jsonl lines
+    grid_images: int = 64
+    sample_steps: int = 18
+    max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    # Phase I (ambient-Tweedie pretraining).
+    pretrain_kimg: float = 200000.0
+    lr: float | None = None
+    lr_rampup_kimg: float = 10000.0
+    ema_halflife_kimg: float = 500.0
+    ema_rampup_ratio: float = 0.05
+    sigma_sampling: str = "truncated"
+    # Phase II (score distillation).
+    teacher: str | None = None
+    distill_kimg: float = 100000.0
+    loss: str = "sid"
+    alpha: float | None = None
+    g_lr: float | None = None  # generator lr; the fake score uses the same (SiD)
+    sigma_init: float = 2.5
+    t_max: float = 800.0
+    g_ema_halflife_kimg: float = 500.0
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name, value in PRESET_DEFAULTS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.batch_gpu is None:
+            self.batch_gpu = self.batch
+        self._validate()
+
+    def _validate(self):
+        def choice(name, choices):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
+
+        def number(name, low=0.0, strict=False):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not (ok and (v > low if strict else v >= low)):
+                raise ValueError(f"{name}: expected a finite number {'>' if strict else '>='} {low}, got {v!r}")
+
+        def integer(name, low=1):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
+
+        choice("corruption", CORRUPTIONS)
+        choice("precision", PRECISIONS)
+        choice("sigma_sampling", SIGMA_SAMPLINGS)
+        choice("loss", DISTILL_LOSSES)
+        for name in ("sigma", "blur", "pretrain_kimg", "distill_kimg", "lr_rampup_kimg", "ema_halflife_kimg",
+                     "ema_rampup_ratio", "g_ema_halflife_kimg"):
+            number(name)
+        for name in ("lr", "g_lr", "sigma_init", "snapshot_kimg", "t_max"):
+            number(name, strict=True)
+        number("alpha", low=-math.inf)
+        for name in ("batch", "batch_gpu", "log_every", "sample_steps", "max_nonfinite"):
+            integer(name)
+        integer("grid_images", 0)
+        integer("seed", 0)
+        if self.max_images is not None:
+            integer("max_images")
+        if self.batch % self.batch_gpu:
+            raise ValueError(f"batch_gpu: expected a divisor of batch={self.batch}, got {self.batch_gpu}")
+        if self.corruption == "blur" and self.blur <= 0:
+            raise ValueError(f"blur: expected a blur std > 0 pixels with corruption='blur', got {self.blur}")
+        if self.corruption == "noise" and self.blur != 0:
+            raise ValueError(f"blur: only meaningful with corruption='blur' (got blur={self.blur} with 'noise')")
+        self.make_corruption()  # validates the schedule against sigma
+
+    def make_corruption(self):
+        if self.corruption == "blur":
+            return BlurNoiseCorruption(self.blur, self.sigma, self.blur_schedule)
+        return NoiseCorruption(self.sigma)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"options: unknown fields {unknown}")
+        return cls(**d)
+
+    def differences(self, other, ignore=RESUMABLE):
+        """Names of fields (outside ignore) whose values differ from other's."""
+        a, b = self.to_dict(), other.to_dict()
+        return sorted(k for k in a if k not in ignore and a[k] != b[k])

@@ -1,0 +1,159 @@
+"""Phase II: denoising score distillation (DSD Algorithm 1, SiD Eq. 10) into a one-step generator
+G_theta(z) = D_theta(sigma_init z; sigma_init), with teacher f_phi (frozen) and fake score f_psi both started
+from the Phase I EMA.
+
+Dropout (SiD's handling): the teacher f_phi is always in eval mode. The fake score f_psi is in train mode for
+its own ambient update (dropout regularises it as in Phase I) and in eval mode, with its parameters frozen,
+inside the generator step, so f_phi and f_psi are evaluated alike there. G is in train mode for both steps
+(it is trained), its EMA is evaluated in eval mode for grids and checkpoints.
+
+Generator-step levels follow SiD's Karras/t_max schedule unchanged (DESIGN.md); they include sigma_t below
+the observation sigma, which the ambient teacher never saw during Phase I.
+"""
+
+import copy
+import math
+
+import torch
+
+from .. import functional
+from ..networks import build_network
+from ..reference.edm import karras_sigma, karras_t
+from ..sampling import one_step
+from .ema import EMA, ema_beta
+from .grids import save_grid
+from .loop import autocast, derive_seed, normal, seed_dropout, set_precision, uniform
+from .phase1 import accumulate, ambient_training_loss, grid_latents, sample_sigma_t, save_data_grid
+
+
+def check_teacher(state, config, source):
+    """state: a Phase I checkpoint (its EMA is the teacher). Raises ValueError unless it holds a network of
+    exactly config's architecture."""
+    if not isinstance(state, dict) or state.get("phase") != "pretrain" or "ema" not in state:
+        raise ValueError(f"teacher: {source} is not a Phase I (pretrain) checkpoint")
+    saved = state.get("net_config") or {}
+    if saved != vars(config):
+        diff = sorted(k for k in vars(config) if saved.get(k) != vars(config)[k])
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, expected {vars(config)[k]!r}" for k in diff)
+        raise ValueError(f"teacher: {source} holds a different network architecture ({detail})")
+
+
+class Distill:
+    name = "distill"
+
+    def __init__(self, options, config, data, device, teacher_state, *, rank=0, world_size=1):
+        """teacher_state: the teacher's weights (a state dict of build_network(config))."""
+        self.options, self.config, self.data, self.device = options, config, data, device
+        self.rank, self.world_size = rank, world_size
+        self.corruption = options.make_corruption()
+        set_precision(options.precision)
+        self.teacher = build_network(config).to(device)
+        try:
+            self.teacher.load_state_dict(teacher_state)
+        except RuntimeError as e:
+            raise ValueError(f"teacher: weights do not fit the {config} network: {e}") from e
+        self.teacher.eval().requires_grad_(False)
+        self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        self.G = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        self.G_ema = EMA(self.G)
+        adam = dict(lr=options.g_lr, betas=(0.0, 0.999), eps=1e-8)  # SiD: no first-moment momentum
+        self.fake_opt = torch.optim.Adam(self.fake.parameters(), **adam)
+        self.G_opt = torch.optim.Adam(self.G.parameters(), **adam)
+        wrap = torch.compile if options.compile else (lambda m: m)
+        self.f_phi, self.f_psi, self.G_fn = wrap(self.teacher), wrap(self.fake), wrap(self.G)
+        self.completed = 0
+        self.nonfinite = 0
+
+    def state_dict(self):
+        return dict(phase=self.name, step=self.completed, nonfinite=self.nonfinite,
+                    teacher=self.teacher.state_dict(), fake=self.fake.state_dict(), G=self.G.state_dict(),
+                    G_ema=self.G_ema.state_dict(), fake_opt=self.fake_opt.state_dict(),
+                    G_opt=self.G_opt.state_dict(), options=self.options.to_dict(), net_config=vars(self.config).copy())
+
+    def load_state_dict(self, state):
+        for name in ("fake", "G", "G_ema", "fake_opt", "G_opt"):
+            getattr(self, name).load_state_dict(state[name])
+        self.completed, self.nonfinite = state["step"], state["nonfinite"]
+
+    def generate(self, z):
+        with autocast(self.options.precision, z.device):
+            return one_step(self.G_fn, z, self.options.sigma_init).float()
+
+    def fake_step(self, k, n, shape):
+        """Update f_psi with the Phase I loss on generated images corrupted like the data: y~ = A x_g + sigma eps."""
+        o, dev = self.options, self.device
+        key = lambda purpose: derive_seed(o.seed, purpose, k, self.rank)
+        with torch.no_grad():
+            x_g = torch.cat([self.generate(z) for z in normal(key("z_fake"), shape, dev).split(o.batch_gpu)])
+        y = self.corruption.A(x_g) + o.sigma * normal(key("eps_y"), shape, dev)
+        sigma_t = sample_sigma_t(o, key("sigma_fake"), n, dev)
+        eps = normal(key("eps_fake"), shape, dev)
+        self.fake_opt.zero_grad(set_to_none=True)
+        loss_fn = lambda y_r, s_r, e_r: ambient_training_loss(self.f_psi, self.corruption, y_r, s_r, e_r,
+                                                              o.precision)
+        return (accumulate(loss_fn, n, o.batch_gpu, y, sigma_t, eps) / n).item()
+
+    def generator_loss(self, z, sigma_t, eps):
+        """Per-sample generator loss [B] (sid, dmd or sds); gradients reach G through x_g and through the
+        inputs x_t of the two frozen score nets."""
+        x_g = self.generate(z)
+        x_t = self.corruption.forward(x_g, sigma_t, eps)
+        with autocast(self.options.precision, z.device):
+            f_phi = self.f_phi(x_t, sigma_t).float()
+            f_psi = self.f_psi(x_t, sigma_t).float()
+        if self.options.loss == "sid":
+            return functional.sid_generator_loss(f_phi, f_psi, x_g, self.options.alpha)
+        if self.options.loss == "dmd":
+            return functional.dmd_loss(f_phi, f_psi, x_g)
+        return functional.sds_loss(f_phi, x_t, eps, x_g, sigma_t)
+
+    def generator_step(self, k, n, shape):
+        o, dev = self.options, self.device
+        key = lambda purpose: derive_seed(o.seed, purpose, k, self.rank)
+        z = normal(key("z_gen"), shape, dev)
+        sigma_t = karras_sigma(karras_t(uniform(key("t_gen"), n, dev), o.t_max))
+        eps = normal(key("eps_gen"), shape, dev)
+        self.G_opt.zero_grad(set_to_none=True)
+        self.fake.eval().requires_grad_(False)
+        try:
+            return (accumulate(self.generator_loss, n, o.batch_gpu, z, sigma_t, eps) / n).item()
+        finally:
+            self.fake.train().requires_grad_(True)
+
+    def step(self, k):
+        """Fake-score step then generator step; a non-finite loss skips that update (counted once per step)."""
+        o = self.options
+        n = o.batch // self.world_size
+        shape = (n, self.config.in_channels, self.config.img_resolution, self.config.img_resolution)
+        nimg = (k + 1) * o.batch
+        lr = o.g_lr  # SiD: no learning-rate ramp-up (both nets start from the trained teacher)
+        seed_dropout(o.seed, k, self.rank)
+        fake_loss = self.fake_step(k, n, shape)
+        fake_ok = _apply(self.fake_opt, fake_loss, lr)
+        g_loss = self.generator_step(k, n, shape)
+        g_ok = _apply(self.G_opt, g_loss, lr)
+        if g_ok:
+            self.G_ema.update(self.G, ema_beta(nimg, o.batch, o.g_ema_halflife_kimg, o.ema_rampup_ratio))
+        finite = fake_ok and g_ok
+        self.nonfinite += not finite
+        self.completed = k + 1
+        return finite, dict(loss=g_loss, fake_loss=fake_loss, lr=lr)
+
+    def snapshot(self, run):
+        save_data_grid(self, run)
+        z = grid_latents(self.options, self.config, self.device)
+        if z is not None:
+            with torch.no_grad():
+                x = one_step(self.G_ema.net, z, self.options.sigma_init)
+            save_grid(x, run.file(f"{self.name}-{self.completed * self.options.batch / 1000:010.3f}kimg-student.png"))
+
+
+def _apply(opt, loss, lr):
+    """Adam step at lr if loss is finite, else drop the gradients. Returns whether the step was applied."""
+    ok = math.isfinite(loss)
+    if ok:
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return ok

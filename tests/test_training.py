@@ -1,0 +1,287 @@
+"""Training loop tests on CPU with the cpu-tiny preset and a few 32x32 images: losses fall on a fixed batch
+(Phase I and II, noise and blur), run-directory files, checkpoint reload, exact resume across Ctrl-C and the
+phase boundary, the non-finite guard, and clear errors (nothing overwritten) on bad input."""
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dsd_fast.cli import main
+from dsd_fast.data import GPUData
+from dsd_fast.networks import PRESETS, build_network, resolve_config
+from dsd_fast.sampling import one_step
+from dsd_fast.training import Distill, Options, Pretrain, TrainingError, train
+from dsd_fast.training.ema import EMA, ema_beta
+from dsd_fast.training.grids import to_uint8_grid
+from dsd_fast.training.loop import load_checkpoint
+from dsd_fast.training.phase2 import _apply
+
+CPU = torch.device("cpu")
+CONFIG = resolve_config("cpu-tiny")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def _seed():
+    return int.from_bytes(os.urandom(3), "little")
+
+
+def _images(n, channels=3, resolution=32):
+    """Smooth random uint8 images (bilinear upsampling of 4x4 noise): learnable within a few steps."""
+    x = torch.nn.functional.interpolate(torch.rand(n, channels, 4, 4), size=resolution, mode="bilinear")
+    return (x * 255).round().to(torch.uint8)
+
+
+def _options(**kw):
+    base = dict(preset="cpu-tiny", batch=2, seed=_seed(), lr=1e-3, g_lr=1e-4, lr_rampup_kimg=0, log_every=1,
+                grid_images=0, sample_steps=2, snapshot_kimg=1000, pretrain_kimg=0.004, distill_kimg=0.004)
+    return Options(**{**base, **kw})
+
+
+def _data(o, n=5):
+    return GPUData(_images(n), device=CPU, corruption=o.make_corruption(), seed=o.seed)
+
+
+def _corruption(name):
+    return dict(corruption="blur", blur=0.5 + torch.rand(()).item()) if name == "blur" else dict(corruption="noise")
+
+
+def _tree(path):
+    """{name: bytes} of every file in a directory (to show nothing was overwritten)."""
+    return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
+
+
+@pytest.mark.parametrize("corruption", ["noise", "blur"])
+def test_losses_fall_on_a_fixed_batch(corruption):
+    """Repeating step 0 repeats its batch, sigma_t and noise: a few Adam steps must lower every loss (Phase I, the
+    fake score's ambient loss on generated data, the SiD generator loss with both score nets frozen)."""
+    o = _options(batch=2, **_corruption(corruption))
+    p = Pretrain(o, CONFIG, _data(o), CPU)
+    losses = [p.step(0)[1]["loss"] for _ in range(3)]
+    assert losses[-1] < losses[0], losses
+    d = Distill(o, CONFIG, None, CPU, p.ema.state_dict())
+    shape = (2, 3, 32, 32)
+    fake = []
+    for _ in range(3):
+        fake.append(d.fake_step(0, 2, shape))
+        assert _apply(d.fake_opt, fake[-1], 1e-3)
+    assert fake[-1] < fake[0], fake
+    gen = []
+    for _ in range(3):
+        gen.append(d.generator_step(0, 2, shape))
+        assert _apply(d.G_opt, gen[-1], 1e-4)
+    assert gen[-1] < gen[0], gen
+    # The generator step never changes the frozen teacher or the fake score.
+    assert all(not p.requires_grad for p in d.teacher.parameters())
+    assert all(p.requires_grad for p in d.fake.parameters()) and d.fake.training
+
+
+def test_resume_is_exact_across_ctrl_c_and_the_phase_boundary(tmp_path):
+    """Uninterrupted: 2 Phase I + 2 Phase II steps. Interrupted: Ctrl-C (a real SIGINT) after Phase I step 0,
+    resume, KeyboardInterrupt after Phase II step 0, resume. Every loss must match to 1e-6."""
+    o = _options(corruption="noise", sigma=0.1 + 0.2 * torch.rand(()).item(), batch=2, batch_gpu=1)
+    data = _data(o)
+    ref = []
+    assert train(o, phases=("pretrain", "distill"), outdir=tmp_path / "a", data=data, progress=False,
+                 on_step=lambda k, m: ref.append(m)) == "done"
+    assert len(ref) == 4
+
+    got = []
+
+    def sigint_after_first(k, m):
+        got.append(m)
+        if len(got) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # deferred to the end of the step, then a checkpoint
+
+    run = tmp_path / "b"
+    assert train(o, phases=("pretrain", "distill"), outdir=run, data=data, progress=False,
+                 on_step=sigint_after_first) == "interrupted"
+    assert load_checkpoint(run / "last.pt")["step"] == 1
+
+    def interrupt_in_distill(k, m):
+        got.append(m)
+        if "fake_loss" in m:
+            raise KeyboardInterrupt
+
+    assert train(None, phases=("pretrain", "distill"), resume=run, data=data, progress=False,
+                 on_step=interrupt_in_distill) == "interrupted"
+    state = load_checkpoint(run / "last.pt")
+    assert (state["phase"], state["step"]) == ("distill", 1)
+    assert train(None, phases=("pretrain", "distill"), resume=run, data=data, progress=False,
+                 on_step=lambda k, m: got.append(m)) == "done"
+    assert len(got) == 4
+    for a, b in zip(ref, got, strict=True):
+        for key in a:
+            assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), (key, ref, got)
+    # metrics.jsonl keeps one line per step, without the lines of the interrupted attempts.
+    lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [(r["phase"], r["step"]) for r in lines] == [("pretrain", 1), ("pretrain", 2), ("distill", 1),
+                                                       ("distill", 2)]
+
+
+def test_cli_pretrain_ctrl_c_resume_then_distill(tmp_path, monkeypatch):
+    """End to end through the CLI on an .npz data set: pretrain (Ctrl-C after step 0: exit 0, checkpoint),
+    --resume, then distill --teacher; every run-directory file exists and the checkpoints reload."""
+    images = _images(6).permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "data.npz", x=images)
+    run, run2 = tmp_path / "run", tmp_path / "run2"
+    common = ["--preset", "cpu-tiny", "--batch", "2", "--lr-rampup-kimg", "0", "--grid-images", "4",
+              "--sample-steps", "2", "--log-every", "1", "--seed", str(_seed())]
+    original = Pretrain.step
+
+    def step_then_sigint(self, k):
+        out = original(self, k)
+        if k == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Pretrain, "step", step_then_sigint)
+    r = CliRunner().invoke(main, ["pretrain", "--dataset", str(tmp_path / "data.npz"), "--kimg", "0.004",
+                                  "--snapshot-kimg", "0.004", "--corruption", "blur", "--blur", "0.7",
+                                  "--outdir", str(run), *common])
+    assert r.exit_code == 0, r.output
+    assert "Interrupted" in r.output and load_checkpoint(run / "last.pt")["step"] == 1
+    monkeypatch.setattr(Pretrain, "step", original)
+    r = CliRunner().invoke(main, ["pretrain", "--resume", str(run)])
+    assert r.exit_code == 0, r.output
+    for name in ("options.json", "metrics.jsonl", "last.pt", "data.png", "pretrain-000000.004kimg.pt",
+                 "pretrain-000000.004kimg-teacher.png"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "options.json").read_text())
+    assert (saved["corruption"], saved["blur"], saved["sigma"]) == ("blur", 0.7, 0.2)
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2]
+    assert {"phase", "step", "kimg", "loss", "img_per_s", "lr", "mem_mb"} <= set(records[0])
+
+    r = CliRunner().invoke(main, ["distill", "--teacher", str(run / "pretrain-000000.004kimg.pt"), "--kimg",
+                                  "0.002", "--snapshot-kimg", "0.002", "--outdir", str(run2), "--batch", "2",
+                                  "--grid-images", "4", "--log-every", "1"])
+    assert r.exit_code == 0, r.output
+    saved2 = json.loads((run2 / "options.json").read_text())
+    assert (saved2["corruption"], saved2["blur"], saved2["dataset"]) == ("blur", 0.7, str(tmp_path / "data.npz"))
+    for name in ("last.pt", "distill-000000.002kimg.pt", "distill-000000.002kimg-student.png", "data.png"):
+        assert (run2 / name).is_file(), name
+    state = load_checkpoint(run2 / "last.pt")
+    net = build_network(CONFIG)
+    net.load_state_dict(state["G_ema"])
+    x = one_step(net.eval(), torch.randn(3, 3, 32, 32))
+    assert x.shape == (3, 3, 32, 32) and torch.isfinite(x).all()
+    teacher = load_checkpoint(run / "last.pt")
+    assert all(torch.equal(state["teacher"][k], teacher["ema"][k]) for k in teacher["ema"])
+
+
+def test_nonfinite_guard_stops_with_a_clear_error(tmp_path):
+    o = _options(max_nonfinite=2)
+
+    class NaNData:
+        resolution, channels = 32, 3
+
+        def __len__(self):
+            return 4
+
+        def batch(self, step, batch_size, rank=0, world_size=1):
+            return torch.full((batch_size, 3, 32, 32), float("nan")), torch.arange(batch_size)
+
+    p = Pretrain(o, CONFIG, NaNData(), CPU)
+    before = {k: v.clone() for k, v in p.net.state_dict().items()}
+    finite, metrics = p.step(0)
+    assert not finite and p.nonfinite == 1
+    assert all(torch.equal(before[k], v) for k, v in p.net.state_dict().items())  # the step was skipped
+    with pytest.raises(TrainingError, match="2 non-finite losses in a row"):
+        train(o, outdir=tmp_path / "run", data=NaNData(), progress=False)
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
+    runner = CliRunner()
+    monkeypatch.setenv("DSD_FAST_DATA", str(tmp_path / "empty"))
+    out = tmp_path / "out"
+    args = ["pretrain", "--preset", "cpu-tiny", "--outdir", str(out)]
+    r = runner.invoke(main, [*args, "--dataset", "cifar10"])  # missing data set: says what to download
+    assert r.exit_code == 1 and "cifar10" in r.output and "download" in r.output, r.output
+    r = runner.invoke(main, [*args, "--dataset", str(tmp_path / "nope.zip")])
+    assert r.exit_code == 1 and "nope.zip" in r.output, r.output
+    np.savez(tmp_path / "small.npz", x=_images(3, resolution=28).permute(0, 2, 3, 1).numpy())
+    r = runner.invoke(main, [*args, "--dataset", str(tmp_path / "small.npz")])  # 28x28 for a 32x32 net
+    assert r.exit_code == 1 and "resolution" in r.output and "32x32" in r.output, r.output
+    for bad in ("nan", "inf", "-0.1"):
+        r = runner.invoke(main, [*args, "--dataset", str(tmp_path / "small.npz"), "--sigma", bad])
+        assert r.exit_code == 1 and "sigma" in r.output, r.output
+    with pytest.raises(ValueError, match="batch_gpu"):
+        _options(batch=4, batch_gpu=3)
+    with pytest.raises(ValueError, match="blur"):
+        _options(corruption="blur", blur=0.0)
+    assert not out.exists()
+
+    # A teacher of another architecture, and a file that is not a checkpoint.
+    wrong = tmp_path / "wrong.pt"
+    torch.save(dict(phase="pretrain", ema={}, net_config=vars(PRESETS["cifar10"])), wrong)
+    with pytest.raises(ValueError, match="architecture.*model_channels"):
+        train(_options(teacher=str(wrong)), phases=("distill",), outdir=out, progress=False)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        train(_options(teacher=str(tmp_path / "junk.pt")), phases=("distill",), outdir=out, progress=False)
+    assert not out.exists()
+
+    # Resume with a different config, or a new run into an existing run directory: nothing is touched.
+    np.savez(tmp_path / "data.npz", x=_images(4).numpy())  # NCHW works as well
+    o = _options(pretrain_kimg=0.002, dataset=str(tmp_path / "data.npz"))
+    data = _data(o)
+    assert train(o, outdir=out, progress=False) == "done"
+    before = _tree(out)
+    other = Options(**{**o.to_dict(), "sigma": o.sigma + 0.1, "pretrain_kimg": 0.004})
+    with pytest.raises(ValueError, match="resume: the options differ.*sigma"):
+        train(other, resume=out, data=data, progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(o, outdir=out, data=data, progress=False)
+    r = runner.invoke(main, ["pretrain", "--resume", str(out), "--seed", str(o.seed + 1)])
+    assert r.exit_code == 1 and "seed" in r.output, r.output
+    assert _tree(out) == before
+
+    # `train --resume` of a finished Phase I run goes on into Phase II (its length may change on resume).
+    r = runner.invoke(main, ["train", "--resume", str(out), "--distill-kimg", "0.002"])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(out / "last.pt")["phase"] == "distill"
+
+
+def test_bf16_autocast_steps():
+    o = _options(precision="bf16", batch=2)
+    p = Pretrain(o, CONFIG, _data(o), CPU)
+    ref = Pretrain(_options(**{**o.to_dict(), "precision": "fp32"}), CONFIG, p.data, CPU)
+    with torch.no_grad():  # EDM zero-initialises the output layer: make F(x) non-zero so precision matters
+        for w in p.net.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    ref.net.load_state_dict(p.net.state_dict())
+    lo, lo_ref = p.step(0)[1]["loss"], ref.step(0)[1]["loss"]
+    assert lo != lo_ref and abs(lo - lo_ref) < 0.05 * lo_ref  # bf16 really ran, and close to fp32
+    d = Distill(o, CONFIG, None, CPU, p.net.state_dict())
+    loss = d.generator_step(0, 2, (2, 3, 32, 32))
+    assert math.isfinite(loss) and all(w.grad is not None and w.grad.abs().sum() > 0 for w in d.G.parameters())
+
+
+def test_ema_and_grid():
+    net = build_network(CONFIG)
+    ema = EMA(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    old = [p.clone() for p in ema.net.parameters()]
+    beta = ema_beta(nimg=4000, batch=8, halflife_kimg=0.1, rampup_ratio=None)
+    assert beta == pytest.approx(0.5 ** (8 / 100))
+    assert ema_beta(nimg=80, batch=8, halflife_kimg=500, rampup_ratio=0.05) == pytest.approx(0.5 ** 2)
+    ema.update(net, beta)
+    for e, o, p in zip(ema.net.parameters(), old, net.parameters(), strict=True):
+        torch.testing.assert_close(e, beta * o + (1 - beta) * p)
+    x = torch.rand(5, 3, 4, 6) * 2 - 1
+    g = to_uint8_grid(x)
+    assert g.shape == (2 * 4, 3 * 6, 3) and g[4:, 12:].max() == 0  # 3 columns, 6th tile empty
+    expected = (x[4] * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(g[4:8, 6:12], expected)
