@@ -52,7 +52,7 @@ _RUN_OPTIONS = [
     _option("--blur", type=_FLOAT, help="Blur std in pixels (--corruption blur)."),
     _option("--blur-schedule", type=click.Choice(["fixed", "linear"]), help="Blur schedule of the process."),
     _option("--preset", metavar="NAME", help="Network preset (cifar10, afhq, ffhq, celebahq, fashion-mnist, "
-                                              "cpu-tiny).  [cifar10]"),
+                                              "cpu-tiny, cpu-fashion).  [cifar10]"),
     _option("--batch", type=click.IntRange(min=1), help="Images per optimiser step.  [per preset]"),
     _option("--batch-gpu", type=click.IntRange(min=1), help="Images per forward/backward round.  [--batch]"),
     _option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), help="Arithmetic.  [fp32]"),

@@ -22,6 +22,7 @@ PRESET_DEFAULTS = {
     "ffhq": dict(batch=256, lr=2e-4, g_lr=1e-5, alpha=1.2),
     "celebahq": dict(batch=256, lr=2e-4, g_lr=1e-5, alpha=1.2),
     "cpu-tiny": dict(batch=64, lr=2e-3, g_lr=1e-4, alpha=1.2),
+    "cpu-fashion": dict(batch=64, lr=2e-3, g_lr=1e-4, alpha=1.2),
 }
 
 # Fields a resumed run may change: how long it runs and how it reports, never what it computes.
