@@ -148,3 +148,30 @@ def distill(**kwargs):
 def train(**kwargs):
     """Phase I then Phase II in one run directory (resumable across the phase boundary)."""
     _run(("pretrain", "distill"), {}, kwargs)
+
+
+@main.command()
+@click.option("--source", required=True, metavar="NAME|PATH", help="Data set name or path.")
+@click.option("--data", default=None, metavar="PATH", help="Explicit path for a preset data set name.")
+@click.option("--dest", required=True, type=click.Path(dir_okay=False), help="Output EDM-format zip.")
+@click.option("--resolution", type=click.IntRange(min=1), default=None, help="Center-crop + resize to this size.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Convert only the first N images.")
+@click.option("--corrupt/--clean", default=False, show_default=True, help="Write the fixed corrupted copy.")
+@click.option("--corruption", type=click.Choice(["noise", "blur"]), default="noise", show_default=True)
+@click.option("--sigma", type=float, default=0.2, show_default=True, help="Noise std (images in [-1, 1]).")
+@click.option("--blur", type=float, default=0.0, show_default=True, help="Blur std in pixels.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Corruption seed.")
+def dataset(source, data, dest, resolution, max_images, corrupt, corruption, sigma, blur, seed):
+    """Convert a data set to an EDM zip (center-crop, resize); --corrupt writes a fixed corrupted copy."""
+    from .corruption import BlurNoiseCorruption, NoiseCorruption
+    from .data import convert_dataset, resolve_source
+
+    try:
+        cor = None
+        if corrupt:
+            cor = NoiseCorruption(sigma) if corruption == "noise" else BlurNoiseCorruption(blur, sigma)
+        path = convert_dataset(resolve_source(source, data), dest, resolution=resolution, corruption=cor,
+                               seed=seed, max_images=max_images)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"Wrote {path}")
