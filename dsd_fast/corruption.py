@@ -14,7 +14,6 @@ import math
 import torch
 
 from dsd_fast import functional
-from dsd_fast.ops import backend
 from dsd_fast.ops import dct as _ops_dct
 from dsd_fast.reference.dct import blur_eigenvalues, dct2, dct_blur, idct2
 from dsd_fast.reference.edm import edm_weight
@@ -191,14 +190,14 @@ class BlurNoiseCorruption(Corruption):
         _check_images("y", y, ("eps", eps))
         s = _check_s(s, y)
         self._check_inject(s)
-        if backend.choose("dct_inject", y.device, _ops_dct.SUPPORTED) != "reference":
+        if _ops_dct.can_fuse("dct_inject", y):
             return _ops_dct.dct_inject(y, eps, s, self.b(s).reshape(-1), self.sigma, self.blur)
         r = self._r(s, *y.shape[-2:])
         q = ((_col(s) - r * self.sigma) * (_col(s) + r * self.sigma)).sqrt()
         return idct2(r * dct2(y) + q * dct2(eps))
 
     def ambient_loss(self, x0_hat, x_t, y, s, weight=None):
-        if backend.choose("dct_ambient_loss", x_t.device, _ops_dct.SUPPORTED) == "reference":
+        if not _ops_dct.can_fuse("dct_ambient_loss", x_t):
             return super().ambient_loss(x0_hat, x_t, y, s, weight)
         # Fused: adjusted prediction, residual and d/d x0_hat in one pass, in DCT space.
         _check_images("x0_hat", x0_hat, ("x_t", x_t), ("y", y))

@@ -37,6 +37,12 @@ def _why_not_triton(x):
     return None
 
 
+def can_fuse(op, x):
+    """True when the Triton kernel of `op` would run on x (chosen backend and eligible input); callers
+    with their own unfused math (dsd_fast.corruption) use it instead of the op's strict forced-backend rule."""
+    return backend.choose(op, x.device, supported=SUPPORTED) == "triton" and _why_not_triton(x) is None
+
+
 def _use_triton(op, x):
     if backend.choose(op, x.device, supported=SUPPORTED) != "triton":
         return False
