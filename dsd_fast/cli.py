@@ -1,5 +1,7 @@
 """`dsd-fast` command line."""
 
+import os
+
 import click
 
 from . import __version__
@@ -64,7 +66,9 @@ _RUN_OPTIONS = [
     _option("--grid-images", type=click.IntRange(min=0), help="Images per PNG grid.  [64]"),
     _option("--sample-steps", type=click.IntRange(min=1), help="Sampler steps of the teacher grid.  [18]"),
     _option("--max-nonfinite", type=click.IntRange(min=1), help="Stop after N non-finite steps in a row.  [10]"),
-    _option("--device", help="torch device.  [cuda if available]"),
+    _option("--device", help="torch device.  [cuda if available; cuda:LOCAL_RANK under torchrun]"),
+    _option("--parallel", type=click.Choice(["auto", "none", "ddp", "fsdp"]),
+            help="Under torchrun --nproc-per-node N: DDP or FSDP2 (auto: ddp with N > 1).  [auto]"),
     click.option("--outdir", metavar="DIR", help="New run directory."),
     click.option("--resume", metavar="RUN_DIR", help="Continue this run directory exactly."),
 ]
@@ -119,6 +123,8 @@ def _run(phases, kimg_fields, kwargs):
     except (ValueError, OSError, TrainingError) as e:
         raise click.ClickException(str(e)) from e
     run_dir = resume or outdir
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun rank 0 reports
     if status == "interrupted":
         click.echo(f"Interrupted; checkpoint in {run_dir}/last.pt. Continue with --resume {run_dir}")
     else:

@@ -1,10 +1,9 @@
 """DSD training: Phase I (ambient pretraining), Phase II (score distillation), or both in one run directory."""
 
-import torch
-
 from ..networks import resolve_config
 from .loop import RunDir, TrainingError, load_checkpoint, run_phase, steps_for
 from .options import Options
+from .parallel import launch
 from .phase1 import Pretrain
 from .phase2 import Distill, check_teacher
 
@@ -36,6 +35,7 @@ def train(options=None, *, phases=("pretrain",), outdir=None, resume=None, data=
     """Run `phases` (a tuple in PHASES order) in a new run directory `outdir`, or continue the run in `resume`
     (options None: the saved ones; else they may differ only in options.RESUMABLE fields). data: a GPUData
     to use instead of loading options.dataset. Every check runs before anything is written.
+    Under torchrun every process calls this (options.parallel: ddp or fsdp); rank 0 writes the run directory.
     Returns "done" or "interrupted" (Ctrl-C; last.pt written)."""
     if not phases or tuple(p for p in PHASES if p in phases) != tuple(phases):
         raise ValueError(f"phases: expected a non-empty tuple in the order {PHASES}, got {phases!r}")
@@ -51,8 +51,15 @@ def train(options=None, *, phases=("pretrain",), outdir=None, resume=None, data=
                              f"({'/'.join(phases)}) does not run")
     elif options is None:
         raise ValueError("options: expected an Options for a new run")
+    with launch(options) as par:
+        return _train(options, phases, outdir, resume, data, on_step, progress, par,
+                      run if resume is not None else None, state)
+
+
+def _train(options, phases, outdir, resume, data, on_step, progress, par, run, state):
     config = resolve_config(options.preset)
-    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = par.device
+    par.batch_split(options.batch, options.batch_gpu)
     teacher_state = None
     if phases[0] == "distill" and (state is None or state["phase"] != "distill"):
         if options.teacher is None:
@@ -65,9 +72,14 @@ def train(options=None, *, phases=("pretrain",), outdir=None, resume=None, data=
     if data is None and "pretrain" in phases:
         raise ValueError("dataset: Phase I needs a data set (--dataset)")
     _check_data(data, config)
+    if resume is None:
+        run = RunDir(outdir, writer=par.main)
+        run.check_new()
+    run.writer = par.main
+    par.barrier()  # every rank has checked (and read last.pt) before rank 0 writes
 
     if resume is None:
-        run = RunDir.create(outdir, options)
+        run.create(options)
     else:
         run.update_options(options)
         run.truncate_metrics(PHASES, state["phase"], state["step"])
@@ -75,17 +87,17 @@ def train(options=None, *, phases=("pretrain",), outdir=None, resume=None, data=
     for name in phases[start:]:
         resuming = state is not None and state["phase"] == name
         if name == "pretrain":
-            phase = Pretrain(options, config, data, device)
+            phase = Pretrain(options, config, data, device, par=par)
             total = steps_for(options.pretrain_kimg, options.batch)
         else:
             if resuming:
                 teacher_state = state["teacher"]
-            phase = Distill(options, config, data, device, teacher_state)
+            phase = Distill(options, config, data, device, teacher_state, par=par)
             total = steps_for(options.distill_kimg, options.batch)
         if resuming:
             phase.load_state_dict(state)
         if run_phase(phase, run, total, on_step=on_step, progress=progress) == "interrupted":
             return "interrupted"
         if name == "pretrain":
-            teacher_state = phase.ema.state_dict()
+            teacher_state = phase.teacher_state()
     return "done"

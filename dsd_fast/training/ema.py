@@ -4,6 +4,8 @@ import copy
 
 import torch
 
+from .parallel import local
+
 
 def ema_beta(nimg, batch, halflife_kimg, rampup_ratio=0.05):
     """EDM's per-step decay 0.5 ** (batch / halflife_nimg); with rampup_ratio the half-life is capped at
@@ -15,15 +17,17 @@ def ema_beta(nimg, batch, halflife_kimg, rampup_ratio=0.05):
 
 
 class EMA:
-    """A frozen eval-mode copy of net whose parameters track beta * ema + (1 - beta) * net; buffers are copied."""
+    """A frozen eval-mode copy of net whose parameters track beta * ema + (1 - beta) * net; buffers are copied.
+    frozen_copy(net) makes the copy (Parallel.average: sharded like net under FSDP). The update is elementwise,
+    so with sharded parameters each rank averages its own shards, with no communication."""
 
-    def __init__(self, net):
-        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+    def __init__(self, net, frozen_copy=None):
+        self.net = copy.deepcopy(net).eval().requires_grad_(False) if frozen_copy is None else frozen_copy(net)
 
     @torch.no_grad()
     def update(self, net, beta):
-        ema_params = list(self.net.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in net.parameters()], 1.0 - beta)
+        ema_params = [local(p) for p in self.net.parameters()]
+        torch._foreach_lerp_(ema_params, [local(p.detach()) for p in net.parameters()], 1.0 - beta)
         for b_ema, b in zip(self.net.buffers(), net.buffers(), strict=True):
             b_ema.copy_(b)
 

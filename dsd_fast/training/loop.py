@@ -1,10 +1,12 @@
 """Loop machinery shared by both phases: keyed randomness, run directory (options.json, metrics.jsonl, atomic
 checkpoints), the step loop with progress bar, snapshots, non-finite guard and Ctrl-C handling.
 
-Resume is exact because every random draw of step k is a pure function of (seed, purpose, k, rank): data
-order (GPUData.batch(step)), sigma_t uniforms and noise (Philox streams under a derived key), and dropout
-(the global torch RNG reseeded from the same key at the start of every step). A checkpoint therefore needs
-only weights, optimiser and EMA state and the step counter.
+Resume is exact because every random draw of step k is a pure function of (seed, purpose, k) and the global
+sample position: data order (GPUData.batch(step)), sigma_t uniforms and noise (Philox streams under a derived
+key, rank r of world_size reading them from sample r * batch / world_size on), so a draw does not depend on the
+world size either; dropout reseeds the global torch RNG from (seed, k, rank) at the start of every step (its
+masks do depend on the rank). A checkpoint therefore needs only weights, optimiser and EMA state and the step
+counter. With several processes only rank 0 writes files and shows the progress bar.
 """
 
 import contextlib
@@ -21,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..reference.philox import rand, stream_normal
+from .grids import save_grid
 from .options import Options
 
 
@@ -34,14 +37,14 @@ def derive_seed(seed, *parts):
     return int.from_bytes(h, "little") >> 1
 
 
-def uniform(key, n, device):
-    """n float32 U[0, 1) from the Philox stream `key`."""
-    return rand(key, torch.arange(n, dtype=torch.int64, device=device))
+def uniform(key, n, device, start=0):
+    """n float32 U[0, 1) from the Philox stream `key`, elements start..start+n-1 (one per sample)."""
+    return rand(key, start + torch.arange(n, dtype=torch.int64, device=device))
 
 
-def normal(key, shape, device):
-    """float32 N(0, I) of the given shape from the Philox stream `key`."""
-    return stream_normal(key, 0, shape, torch.float32, device)
+def normal(key, shape, device, start=0):
+    """float32 N(0, I) of shape [B, ...] from the Philox stream `key`, samples start..start+B-1 of it."""
+    return stream_normal(key, start * math.prod(shape[1:]), shape, torch.float32, device)
 
 
 def seed_dropout(seed, step, rank):
@@ -81,24 +84,26 @@ def atomic_write_bytes(path, write):
 
 
 class RunDir:
-    """The run directory: options.json, metrics.jsonl, last.pt, <phase>-<kimg>.pt snapshots, PNG grids."""
+    """The run directory: options.json, metrics.jsonl, last.pt, <phase>-<kimg>.pt snapshots, PNG grids.
+    Only a writer (rank 0) writes; on other ranks the writing methods do nothing."""
 
-    def __init__(self, path):
+    def __init__(self, path, writer=True):
         self.path = os.fspath(path)
+        self.writer = writer
 
     def file(self, name):
         return os.path.join(self.path, name)
 
-    @classmethod
-    def create(cls, path, options):
-        """A new run: refuses a directory that already holds a run (nothing there is touched)."""
-        run = cls(path)
-        if os.path.exists(run.file("options.json")):
-            raise ValueError(f"outdir: {run.path} already holds a run (options.json); "
-                             f"continue it with --resume {run.path} or choose another --outdir")
-        os.makedirs(run.path, exist_ok=True)
-        atomic_write_bytes(run.file("options.json"), lambda f: f.write(options.to_json().encode()))
-        return run
+    def check_new(self):
+        """Refuse a directory that already holds a run (nothing there is touched)."""
+        if os.path.exists(self.file("options.json")):
+            raise ValueError(f"outdir: {self.path} already holds a run (options.json); "
+                             f"continue it with --resume {self.path} or choose another --outdir")
+
+    def create(self, options):
+        if self.writer:
+            os.makedirs(self.path, exist_ok=True)
+            atomic_write_bytes(self.file("options.json"), lambda f: f.write(options.to_json().encode()))
 
     @classmethod
     def open(cls, path):
@@ -121,12 +126,13 @@ class RunDir:
                              f"a resumed run must compute the same thing (start a new --outdir instead)")
 
     def update_options(self, options):
-        atomic_write_bytes(self.file("options.json"), lambda f: f.write(options.to_json().encode()))
+        if self.writer:
+            atomic_write_bytes(self.file("options.json"), lambda f: f.write(options.to_json().encode()))
 
     def truncate_metrics(self, phase_order, phase, step):
         """Drop metric lines written after the checkpoint (phase, step) that is being resumed."""
         path = self.file("metrics.jsonl")
-        if not os.path.exists(path):
+        if not self.writer or not os.path.exists(path):
             return
         limit = (phase_order.index(phase), step)
         with open(path) as f:
@@ -136,13 +142,20 @@ class RunDir:
         atomic_write_bytes(path, lambda f: f.write("".join(keep).encode()))
 
     def log(self, record):
+        if not self.writer:
+            return
         with open(self.file("metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def save_checkpoint(self, state, *names):
         """torch.save(state) atomically to each name (temporary file + os.replace)."""
         for name in names:
-            atomic_write_bytes(self.file(name), lambda f: torch.save(state, f))
+            if self.writer:
+                atomic_write_bytes(self.file(name), lambda f: torch.save(state, f))
+
+    def save_grid(self, x, name):
+        if self.writer:
+            save_grid(x, self.file(name))
 
 
 def load_checkpoint(path):
@@ -174,12 +187,13 @@ def deferred_sigint():
 
 
 def run_phase(phase, run, total_steps, *, on_step=None, progress=True):
-    """Steps phase.completed..total_steps-1 of `phase`, an object with name, options, device, completed (steps
-    done), nonfinite (count), step(k) -> (finite, metrics), state_dict(), snapshot(run). Returns "done" or
+    """Steps phase.completed..total_steps-1 of `phase`, an object with name, options, device, par (Parallel),
+    completed (steps done), nonfinite (count), step(k) -> (finite, metrics), state_dict(), snapshot(run); every
+    rank runs it (checkpoints and snapshots are collectives under FSDP), rank 0 writes. Returns "done" or
     "interrupted" (Ctrl-C: last.pt is written at the last completed step; the caller exits 0).
     on_step(k, metrics) is called after each step (tests raise KeyboardInterrupt from it)."""
-    bar = tqdm(total=total_steps, initial=phase.completed, desc=phase.name, unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=phase.completed, desc=phase.name, unit="step",
+               disable=not (progress and run.writer), dynamic_ncols=True)
     try:
         with deferred_sigint() as interrupted:
             _steps(phase, run, total_steps, bar, on_step, interrupted)
@@ -190,7 +204,8 @@ def run_phase(phase, run, total_steps, *, on_step=None, progress=True):
     if phase.completed == total_steps:
         return "done"
     run.save_checkpoint(phase.state_dict(), "last.pt")
-    tqdm.write(f"{phase.name}: interrupted after step {phase.completed}; checkpoint {run.file('last.pt')}")
+    if run.writer:
+        tqdm.write(f"{phase.name}: interrupted after step {phase.completed}; checkpoint {run.file('last.pt')}")
     return "interrupted"
 
 
@@ -199,7 +214,8 @@ def _steps(phase, run, total_steps, bar, on_step, interrupted):
     snapshot_steps = max(1, steps_for(o.snapshot_kimg, batch))
     bad_in_a_row = 0
     t_log, step_log = time.perf_counter(), phase.completed
-    while phase.completed < total_steps and not interrupted.is_set():
+    # Ranks see Ctrl-C at different steps: all leave the loop together, at the first step any saw it.
+    while phase.completed < total_steps and not phase.par.any(interrupted.is_set()):
         k = phase.completed
         finite, metrics = phase.step(k)
         step = phase.completed

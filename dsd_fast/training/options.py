@@ -6,6 +6,7 @@ import math
 
 from ..corruption import BlurNoiseCorruption, NoiseCorruption
 from ..networks import PRESETS
+from .parallel import PARALLELS
 
 CORRUPTIONS = ("noise", "blur")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -26,8 +27,10 @@ PRESET_DEFAULTS = {
 }
 
 # Fields a resumed run may change: how long it runs and how it reports, never what it computes.
+# The parallel mode (and the world size, which is not an option) changes only float rounding: checkpoints hold
+# full state dicts and every draw is keyed by global sample position.
 RESUMABLE = frozenset({"pretrain_kimg", "distill_kimg", "snapshot_kimg", "log_every", "device", "compile",
-                       "max_nonfinite"})
+                       "max_nonfinite", "parallel"})
 
 
 @dataclasses.dataclass
@@ -46,7 +49,8 @@ class Options:
     preset: str = "cifar10"
     seed: int = 0
     batch: int | None = None  # images per optimiser step (all ranks); None: preset default
-    batch_gpu: int | None = None  # images per forward/backward round; None: the whole batch
+    batch_gpu: int | None = None  # images per forward/backward round on one process; None: the whole batch
+    parallel: str = "auto"  # under torchrun: ddp or fsdp (auto: ddp with several processes, none with one)
     precision: str = "fp32"
     compile: bool = False
     device: str | None = None
@@ -102,6 +106,7 @@ class Options:
         choice("precision", PRECISIONS)
         choice("sigma_sampling", SIGMA_SAMPLINGS)
         choice("loss", DISTILL_LOSSES)
+        choice("parallel", PARALLELS)
         for name in ("sigma", "blur", "pretrain_kimg", "distill_kimg", "lr_rampup_kimg", "ema_halflife_kimg",
                      "ema_rampup_ratio", "g_ema_halflife_kimg"):
             number(name)

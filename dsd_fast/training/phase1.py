@@ -3,6 +3,7 @@ paper 004 Section 3 for blur + noise). One code path for every observation model
 object: x_t = corruption.inject(y, sigma_t, eps), loss = corruption.ambient_loss(D(x_t, sigma_t), x_t, y, sigma_t).
 """
 
+import contextlib
 import math
 import os
 
@@ -12,14 +13,14 @@ from ..networks import build_network
 from ..reference.edm import sigma_clamp, sigma_truncated_lognormal
 from ..sampling import ambient_sample, dct_ode_sample
 from .ema import EMA, ema_beta
-from .grids import save_grid
 from .loop import autocast, derive_seed, normal, seed_dropout, set_precision, uniform
+from .parallel import Parallel
 
 
-def sample_sigma_t(options, key, n, device):
-    """Training levels sigma_t > sigma: the log-normal truncated by inverse CDF (default), or clamped (parity
-    with the reference code, where clamped samples carry zero loss)."""
-    u = uniform(key, n, device)
+def sample_sigma_t(options, key, n, device, start=0):
+    """Training levels sigma_t > sigma of samples start..start+n-1: the log-normal truncated by inverse CDF
+    (default), or clamped (parity with the reference code, where clamped samples carry zero loss)."""
+    u = uniform(key, n, device, start)
     if options.sigma_sampling == "clamp":
         # sigma_t = sigma exactly gives a zero-variance injection; inject needs sigma_t > sigma.
         return sigma_clamp(u, options.sigma).clamp(min=math.nextafter(options.sigma, math.inf))
@@ -40,13 +41,16 @@ def lr_at(options, lr, nimg):
     return lr * min(nimg / max(options.lr_rampup_kimg * 1000, 1e-8), 1.0)
 
 
-def accumulate(loss_fn, n, batch_gpu, *tensors):
+def accumulate(loss_fn, n, batch_gpu, *tensors, no_sync=contextlib.nullcontext):
     """Gradient accumulation over rounds of batch_gpu samples; each round backpropagates sum(loss) / n so the
-    gradient is the batch mean whatever batch_gpu is. Returns the summed per-sample loss (detached)."""
+    gradient is the batch mean whatever batch_gpu is (DDP/FSDP then average over ranks). no_sync(): context of
+    the non-final rounds (no gradient communication). Returns the summed per-sample loss (detached)."""
     total = 0.0
-    for parts in zip(*(t.split(batch_gpu) for t in tensors), strict=True):
-        loss = loss_fn(*parts)
-        loss.sum().div(n).backward()
+    rounds = list(zip(*(t.split(batch_gpu) for t in tensors), strict=True))
+    for i, parts in enumerate(rounds):
+        with no_sync() if i < len(rounds) - 1 else contextlib.nullcontext():
+            loss = loss_fn(*parts)
+            loss.sum().div(n).backward()
         total = total + loss.detach().sum()
     return total
 
@@ -54,41 +58,51 @@ def accumulate(loss_fn, n, batch_gpu, *tensors):
 class Pretrain:
     name = "pretrain"
 
-    def __init__(self, options, config, data, device, *, rank=0, world_size=1):
+    def __init__(self, options, config, data, device, *, par=None):
+        """par: this process's Parallel (None: a single process on device)."""
         self.options, self.config, self.data, self.device = options, config, data, device
-        self.rank, self.world_size = rank, world_size
+        self.par = Parallel(device, precision=options.precision) if par is None else par
+        self.n, self.batch_gpu = self.par.batch_split(options.batch, options.batch_gpu)
         self.corruption = options.make_corruption()
         set_precision(options.precision)
-        torch.manual_seed(derive_seed(options.seed, "init"))
+        torch.manual_seed(derive_seed(options.seed, "init"))  # the same initial weights on every rank
         self.net = build_network(config).to(device).train()
-        self.ema = EMA(self.net)
+        self.ema = EMA(self.net, self.par.average)
+        self.trained = self.par.wrap(self.net)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
-        self.D = torch.compile(self.net) if options.compile else self.net
+        self.D = torch.compile(self.trained) if options.compile else self.trained
         self.completed = 0
         self.nonfinite = 0
 
     def state_dict(self):
-        return dict(phase=self.name, step=self.completed, nonfinite=self.nonfinite, net=self.net.state_dict(),
-                    ema=self.ema.state_dict(), opt=self.opt.state_dict(), options=self.options.to_dict(),
-                    net_config=vars(self.config).copy())
+        """The checkpoint: full (unsharded) tensors; a collective under FSDP, complete on rank 0."""
+        par = self.par
+        return dict(phase=self.name, step=self.completed, nonfinite=self.nonfinite, net=par.state_dict(self.net),
+                    ema=par.state_dict(self.ema.net), opt=par.optim_state_dict(self.net, self.opt),
+                    options=self.options.to_dict(), net_config=vars(self.config).copy())
 
     def load_state_dict(self, state):
-        self.net.load_state_dict(state["net"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["opt"])
+        self.par.load_state_dict(self.net, state["net"])
+        self.par.load_state_dict(self.ema.net, state["ema"])
+        self.par.load_optim_state_dict(self.net, self.opt, state["opt"])
         self.completed, self.nonfinite = state["step"], state["nonfinite"]
+
+    def teacher_state(self):
+        """The EMA's full state dict on every rank (Phase II's teacher)."""
+        return self.par.state_dict(self.ema.net, everywhere=True)
 
     def step(self, k):
         """One optimiser step k: (finite, metrics). A non-finite loss skips the update (counted)."""
-        o, dev = self.options, self.device
-        n = o.batch // self.world_size
-        seed_dropout(o.seed, k, self.rank)
-        y, _ = self.data.batch(k, n, self.rank, self.world_size)
-        sigma_t = sample_sigma_t(o, derive_seed(o.seed, "sigma_t", k, self.rank), n, dev)
-        eps = normal(derive_seed(o.seed, "eps", k, self.rank), y.shape, dev)
+        o, dev, par, n = self.options, self.device, self.par, self.n
+        seed_dropout(o.seed, k, par.rank)
+        y, _ = self.data.batch(k, n, par.rank, par.world_size)
+        start = par.rank * n  # this rank's first sample in the step's global batch
+        sigma_t = sample_sigma_t(o, derive_seed(o.seed, "sigma_t", k), n, dev, start)
+        eps = normal(derive_seed(o.seed, "eps", k), y.shape, dev, start)
         self.opt.zero_grad(set_to_none=True)
         loss_fn = lambda y_r, s_r, e_r: ambient_training_loss(self.D, self.corruption, y_r, s_r, e_r, o.precision)
-        loss = (accumulate(loss_fn, n, o.batch_gpu, y, sigma_t, eps) / n).item()
+        total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, eps, no_sync=lambda: par.no_sync(self.trained))
+        loss = par.sum(total).item() / o.batch
         lr = lr_at(o, o.lr, (k + 1) * o.batch)
         finite = math.isfinite(loss)
         if finite:
@@ -113,7 +127,7 @@ class Pretrain:
             x = ambient_sample(self.ema.net, z, self.options.sigma, self.options.sample_steps, truncate=True)
         else:
             x = dct_ode_sample(self.ema.net, z, self.corruption, self.options.sample_steps)
-        save_grid(x, run.file(f"{self.name}-{self.completed * self.options.batch / 1000:010.3f}kimg-teacher.png"))
+        run.save_grid(x, f"{self.name}-{self.completed * self.options.batch / 1000:010.3f}kimg-teacher.png")
 
 
 def grid_latents(options, config, device):
@@ -124,7 +138,6 @@ def grid_latents(options, config, device):
 
 
 def save_data_grid(phase, run):
-    path = run.file("data.png")
-    if phase.data is not None and phase.options.grid_images and not os.path.exists(path):
+    if phase.data is not None and phase.options.grid_images and not os.path.exists(run.file("data.png")):
         y, _ = phase.data.batch(0, min(phase.options.grid_images, len(phase.data)))
-        save_grid(y, path)
+        run.save_grid(y, "data.png")

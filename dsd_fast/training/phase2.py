@@ -21,8 +21,8 @@ from ..networks import build_network
 from ..reference.edm import karras_sigma, karras_t
 from ..sampling import one_step
 from .ema import EMA, ema_beta
-from .grids import save_grid
 from .loop import autocast, derive_seed, normal, seed_dropout, set_precision, uniform
+from .parallel import Parallel
 from .phase1 import accumulate, ambient_training_loss, grid_latents, sample_sigma_t, save_data_grid
 
 
@@ -41,10 +41,13 @@ def check_teacher(state, config, source):
 class Distill:
     name = "distill"
 
-    def __init__(self, options, config, data, device, teacher_state, *, rank=0, world_size=1):
-        """teacher_state: the teacher's weights (a state dict of build_network(config))."""
+    def __init__(self, options, config, data, device, teacher_state, *, par=None):
+        """teacher_state: the teacher's weights (a state dict of build_network(config)). par: this process's
+        Parallel (None: a single process on device). G and f_psi are wrapped (DDP) or sharded (FSDP); the frozen
+        teacher is replicated as it is on every rank."""
         self.options, self.config, self.data, self.device = options, config, data, device
-        self.rank, self.world_size = rank, world_size
+        self.par = par = Parallel(device, precision=options.precision) if par is None else par
+        self.n, self.batch_gpu = par.batch_split(options.batch, options.batch_gpu)
         self.corruption = options.make_corruption()
         set_precision(options.precision)
         self.teacher = build_network(config).to(device)
@@ -55,24 +58,33 @@ class Distill:
         self.teacher.eval().requires_grad_(False)
         self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.G = copy.deepcopy(self.teacher).train().requires_grad_(True)
-        self.G_ema = EMA(self.G)
+        self.G_ema = EMA(self.G, par.average)
+        self.fake_trained, self.G_trained = par.wrap(self.fake), par.wrap(self.G)
         adam = dict(lr=options.g_lr, betas=(0.0, 0.999), eps=1e-8)  # SiD: no first-moment momentum
         self.fake_opt = torch.optim.Adam(self.fake.parameters(), **adam)
         self.G_opt = torch.optim.Adam(self.G.parameters(), **adam)
         wrap = torch.compile if options.compile else (lambda m: m)
-        self.f_phi, self.f_psi, self.G_fn = wrap(self.teacher), wrap(self.fake), wrap(self.G)
+        self.f_phi, self.f_psi, self.G_fn = wrap(self.teacher), wrap(self.fake_trained), wrap(self.G_trained)
+        # Inside the generator step f_psi is frozen: called outside DDP, whose reducer would wait for its grads.
+        self.f_psi_frozen = wrap(self.fake)
         self.completed = 0
         self.nonfinite = 0
 
     def state_dict(self):
+        """The checkpoint: full (unsharded) tensors; a collective under FSDP, complete on rank 0."""
+        par = self.par
         return dict(phase=self.name, step=self.completed, nonfinite=self.nonfinite,
-                    teacher=self.teacher.state_dict(), fake=self.fake.state_dict(), G=self.G.state_dict(),
-                    G_ema=self.G_ema.state_dict(), fake_opt=self.fake_opt.state_dict(),
-                    G_opt=self.G_opt.state_dict(), options=self.options.to_dict(), net_config=vars(self.config).copy())
+                    teacher=self.teacher.state_dict(), fake=par.state_dict(self.fake), G=par.state_dict(self.G),
+                    G_ema=par.state_dict(self.G_ema.net), fake_opt=par.optim_state_dict(self.fake, self.fake_opt),
+                    G_opt=par.optim_state_dict(self.G, self.G_opt), options=self.options.to_dict(),
+                    net_config=vars(self.config).copy())
 
     def load_state_dict(self, state):
-        for name in ("fake", "G", "G_ema", "fake_opt", "G_opt"):
-            getattr(self, name).load_state_dict(state[name])
+        par = self.par
+        for net, name in ((self.fake, "fake"), (self.G, "G"), (self.G_ema.net, "G_ema")):
+            par.load_state_dict(net, state[name])
+        par.load_optim_state_dict(self.fake, self.fake_opt, state["fake_opt"])
+        par.load_optim_state_dict(self.G, self.G_opt, state["G_opt"])
         self.completed, self.nonfinite = state["step"], state["nonfinite"]
 
     def generate(self, z):
@@ -80,18 +92,23 @@ class Distill:
             return one_step(self.G_fn, z, self.options.sigma_init).float()
 
     def fake_step(self, k, n, shape):
-        """Update f_psi with the Phase I loss on generated images corrupted like the data: y~ = A x_g + sigma eps."""
-        o, dev = self.options, self.device
-        key = lambda purpose: derive_seed(o.seed, purpose, k, self.rank)
+        """Update f_psi with the Phase I loss on generated images corrupted like the data: y~ = A x_g + sigma eps.
+        Returns the loss (the global batch mean)."""
+        o, dev, par = self.options, self.device, self.par
+        key = lambda purpose: derive_seed(o.seed, purpose, k)
+        start = par.rank * n  # this rank's first sample in the step's global batch
         with torch.no_grad():
-            x_g = torch.cat([self.generate(z) for z in normal(key("z_fake"), shape, dev).split(o.batch_gpu)])
-        y = self.corruption.A(x_g) + o.sigma * normal(key("eps_y"), shape, dev)
-        sigma_t = sample_sigma_t(o, key("sigma_fake"), n, dev)
-        eps = normal(key("eps_fake"), shape, dev)
+            z = normal(key("z_fake"), shape, dev, start)
+            x_g = torch.cat([self.generate(z_r) for z_r in z.split(self.batch_gpu)])
+        y = self.corruption.A(x_g) + o.sigma * normal(key("eps_y"), shape, dev, start)
+        sigma_t = sample_sigma_t(o, key("sigma_fake"), n, dev, start)
+        eps = normal(key("eps_fake"), shape, dev, start)
         self.fake_opt.zero_grad(set_to_none=True)
         loss_fn = lambda y_r, s_r, e_r: ambient_training_loss(self.f_psi, self.corruption, y_r, s_r, e_r,
                                                               o.precision)
-        return (accumulate(loss_fn, n, o.batch_gpu, y, sigma_t, eps) / n).item()
+        total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, eps,
+                           no_sync=lambda: par.no_sync(self.fake_trained))
+        return par.sum(total).item() / (n * par.world_size)
 
     def generator_loss(self, z, sigma_t, eps):
         """Per-sample generator loss [B] (sid, dmd or sds); gradients reach G through x_g and through the
@@ -100,7 +117,7 @@ class Distill:
         x_t = self.corruption.forward(x_g, sigma_t, eps)
         with autocast(self.options.precision, z.device):
             f_phi = self.f_phi(x_t, sigma_t).float()
-            f_psi = self.f_psi(x_t, sigma_t).float()
+            f_psi = self.f_psi_frozen(x_t, sigma_t).float()
         if self.options.loss == "sid":
             return functional.sid_generator_loss(f_phi, f_psi, x_g, self.options.alpha)
         if self.options.loss == "dmd":
@@ -108,26 +125,29 @@ class Distill:
         return functional.sds_loss(f_phi, x_t, eps, x_g, sigma_t)
 
     def generator_step(self, k, n, shape):
-        o, dev = self.options, self.device
-        key = lambda purpose: derive_seed(o.seed, purpose, k, self.rank)
-        z = normal(key("z_gen"), shape, dev)
-        sigma_t = karras_sigma(karras_t(uniform(key("t_gen"), n, dev), o.t_max))
-        eps = normal(key("eps_gen"), shape, dev)
+        """The generator update's gradients; returns the loss (the global batch mean)."""
+        o, dev, par = self.options, self.device, self.par
+        key = lambda purpose: derive_seed(o.seed, purpose, k)
+        start = par.rank * n
+        z = normal(key("z_gen"), shape, dev, start)
+        sigma_t = karras_sigma(karras_t(uniform(key("t_gen"), n, dev, start), o.t_max))
+        eps = normal(key("eps_gen"), shape, dev, start)
         self.G_opt.zero_grad(set_to_none=True)
         self.fake.eval().requires_grad_(False)
         try:
-            return (accumulate(self.generator_loss, n, o.batch_gpu, z, sigma_t, eps) / n).item()
+            total = accumulate(self.generator_loss, n, self.batch_gpu, z, sigma_t, eps,
+                               no_sync=lambda: par.no_sync(self.G_trained))
+            return par.sum(total).item() / (n * par.world_size)
         finally:
             self.fake.train().requires_grad_(True)
 
     def step(self, k):
         """Fake-score step then generator step; a non-finite loss skips that update (counted once per step)."""
-        o = self.options
-        n = o.batch // self.world_size
+        o, n = self.options, self.n
         shape = (n, self.config.in_channels, self.config.img_resolution, self.config.img_resolution)
         nimg = (k + 1) * o.batch
         lr = o.g_lr  # SiD: no learning-rate ramp-up (both nets start from the trained teacher)
-        seed_dropout(o.seed, k, self.rank)
+        seed_dropout(o.seed, k, self.par.rank)
         fake_loss = self.fake_step(k, n, shape)
         fake_ok = _apply(self.fake_opt, fake_loss, lr)
         g_loss = self.generator_step(k, n, shape)
@@ -145,7 +165,7 @@ class Distill:
         if z is not None:
             with torch.no_grad():
                 x = one_step(self.G_ema.net, z, self.options.sigma_init)
-            save_grid(x, run.file(f"{self.name}-{self.completed * self.options.batch / 1000:010.3f}kimg-student.png"))
+            run.save_grid(x, f"{self.name}-{self.completed * self.options.batch / 1000:010.3f}kimg-student.png")
 
 
 def _apply(opt, loss, lr):
