@@ -19,15 +19,8 @@ SIGMA = 0.2
 ALPHA = 1.2
 
 
-def gpu(fn):
-    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs CUDA")(fn))
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    print(f"torch seed {seed}")
+# GPU-only cases: the root conftest skips @pytest.mark.gpu without CUDA, and seeds torch freshly per test.
+gpu = pytest.mark.gpu
 
 
 @pytest.fixture(params=["triton", "reference"])
