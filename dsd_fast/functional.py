@@ -127,15 +127,21 @@ def add_noise(y, sigma_t, sigma, *, seed, offset=0):
     return y + scale * eps
 
 
+def _check_ambient_args(name, first, x_t, y, sigma_t, sigma, weight):
+    """The ambient losses' shared arguments: images like `first`, sigma >= 0, sigma_t > sigma, weight [B]."""
+    _check_image(name, first)
+    _check_like("x_t", x_t, name, first)
+    _check_like("y", y, name, first)
+    sigma = _check_scalar("sigma", sigma)
+    sigma_t = _check_per_sample("sigma_t", sigma_t, first, greater_than=sigma)
+    if weight is not None:
+        weight = _check_per_sample("weight", weight, first)
+    return sigma_t, sigma, weight
+
+
 def ambient_loss(x0_hat, x_t, y, sigma_t, sigma, weight=None):
     """Per-sample ambient-Tweedie loss (DSD Eq. 3) [B]; weight None means EDM's w(sigma_t)."""
-    _check_image("x0_hat", x0_hat)
-    _check_like("x_t", x_t, "x0_hat", x0_hat)
-    _check_like("y", y, "x0_hat", x0_hat)
-    sigma = _check_scalar("sigma", sigma)
-    sigma_t = _check_per_sample("sigma_t", sigma_t, x0_hat, greater_than=sigma)
-    if weight is not None:
-        weight = _check_per_sample("weight", weight, x0_hat)
+    sigma_t, sigma, weight = _check_ambient_args("x0_hat", x0_hat, x_t, y, sigma_t, sigma, weight)
     if backend.choose("ambient_loss", x0_hat.device, _ops_losses.SUPPORTED) != "reference":
         return _ops_losses.ambient_loss(x0_hat, x_t, y, sigma_t, sigma, weight)
     return _losses.ambient_loss(x0_hat, x_t, y, sigma_t, sigma, weight)
@@ -144,13 +150,7 @@ def ambient_loss(x0_hat, x_t, y, sigma_t, sigma, weight=None):
 def ambient_loss_precond(F_x, x_t, y, sigma_t, sigma, weight=None):
     """ambient_loss of the EDM-preconditioned x0_hat = c_skip(sigma_t) x_t + c_out(sigma_t) F_x, F_x the raw
     network output; the fused op never materialises x0_hat."""
-    _check_image("F_x", F_x)
-    _check_like("x_t", x_t, "F_x", F_x)
-    _check_like("y", y, "F_x", F_x)
-    sigma = _check_scalar("sigma", sigma)
-    sigma_t = _check_per_sample("sigma_t", sigma_t, F_x, greater_than=sigma)
-    if weight is not None:
-        weight = _check_per_sample("weight", weight, F_x)
+    sigma_t, sigma, weight = _check_ambient_args("F_x", F_x, x_t, y, sigma_t, sigma, weight)
     if backend.choose("ambient_loss_precond", F_x.device, _ops_losses.SUPPORTED) != "reference":
         return _ops_losses.ambient_loss_precond(F_x, x_t, y, sigma_t, sigma, weight)
     s = sigma_t.to(F_x.dtype).reshape(-1, 1, 1, 1)
