@@ -57,7 +57,8 @@ _RUN_OPTIONS = [
                                               "cpu-tiny, cpu-fashion).  [cifar10]"),
     _option("--batch", type=click.IntRange(min=1), help="Images per optimiser step.  [per preset]"),
     _option("--batch-gpu", type=click.IntRange(min=1), help="Images per forward/backward round.  [--batch]"),
-    _option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), help="Arithmetic.  [fp32]"),
+    _option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp64"]),
+            help="Arithmetic (fp64: for verification runs).  [fp32]"),
     _option("--compile/--no-compile", help="torch.compile the networks.  [no-compile]"),
     _option("--sigma-sampling", type=click.Choice(["truncated", "clamp"]), help="Ambient sigma_t.  [truncated]"),
     _option("--seed", type=click.IntRange(min=0), help="Seed of every random draw.  [0]"),
@@ -69,6 +70,12 @@ _RUN_OPTIONS = [
     _option("--device", help="torch device.  [cuda if available; cuda:LOCAL_RANK under torchrun]"),
     _option("--parallel", type=click.Choice(["auto", "none", "ddp", "fsdp"]),
             help="Under torchrun --nproc-per-node N: DDP or FSDP2 (auto: ddp with N > 1).  [auto]"),
+    _option("--fid-every-kimg", type=_FLOAT, help="Proximal FID every N kimg; best.ckpt by it (0: off).  [0]"),
+    _option("--fid-images", type=click.IntRange(min=2), help="Generated images per Proximal FID.  [10000]"),
+    _option("--fid-ref-images", type=click.IntRange(min=2), help="Corrupted data images in its reference.  [all]"),
+    _option("--fid-mode", type=click.Choice(["gpu", "clean"]), help="Inception resize: on the device, or "
+                                                                    "clean-fid's PIL bicubic.  [gpu]"),
+    _option("--fid-batch", type=click.IntRange(min=1), help="Images per Proximal FID batch.  [256]"),
     click.option("--outdir", metavar="DIR", help="New run directory."),
     click.option("--resume", metavar="RUN_DIR", help="Continue this run directory exactly."),
 ]
@@ -181,3 +188,13 @@ def dataset(source, data, dest, resolution, max_images, corrupt, corruption, sig
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"Wrote {path}")
+
+
+def _register():
+    from .commands import evaluate, fid, generate
+
+    for module in (generate, fid, evaluate):
+        main.add_command(module.command)
+
+
+_register()

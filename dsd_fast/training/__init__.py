@@ -6,6 +6,7 @@ from .options import Options
 from .parallel import launch
 from .phase1 import Pretrain
 from .phase2 import Distill, check_teacher
+from .selection import ProximalFID
 
 PHASES = ("pretrain", "distill")
 
@@ -76,6 +77,7 @@ def _train(options, phases, outdir, resume, data, on_step, progress, par, run, s
         run = RunDir(outdir, writer=par.main)
         run.check_new()
     run.writer = par.main
+    select = ProximalFID(options, data, par, run, state, PHASES) if options.fid_every_kimg else None
     par.barrier()  # every rank has checked (and read last.pt) before rank 0 writes
 
     if resume is None:
@@ -96,7 +98,7 @@ def _train(options, phases, outdir, resume, data, on_step, progress, par, run, s
             total = steps_for(options.distill_kimg, options.batch)
         if resuming:
             phase.load_state_dict(state)
-        if run_phase(phase, run, total, on_step=on_step, progress=progress) == "interrupted":
+        if run_phase(phase, run, total, on_step=on_step, progress=progress, select=select) == "interrupted":
             return "interrupted"
         if name == "pretrain":
             teacher_state = phase.teacher_state()

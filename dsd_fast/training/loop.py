@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from ..reference.philox import rand, stream_normal
 from .grids import save_grid
-from .options import Options
+from .options import FID_METRIC, RESUMABLE, Options
+
+FID_REFERENCE = "fid-ref-proximal.npz"  # selection.py's reference stats, cached at the run's first measurement
 
 
 class TrainingError(RuntimeError):
@@ -42,9 +44,16 @@ def uniform(key, n, device, start=0):
     return rand(key, start + torch.arange(n, dtype=torch.int64, device=device))
 
 
-def normal(key, shape, device, start=0):
-    """float32 N(0, I) of shape [B, ...] from the Philox stream `key`, samples start..start+B-1 of it."""
-    return stream_normal(key, start * math.prod(shape[1:]), shape, torch.float32, device)
+def normal(key, shape, device, start=0, dtype=torch.float32):
+    """N(0, I) of shape [B, ...] from the Philox stream `key`, samples start..start+B-1 of it (drawn in float32,
+    then cast: an fp64 run sees the same draws)."""
+    return stream_normal(key, start * math.prod(shape[1:]), shape, dtype, device)
+
+
+def compute_dtype(precision):
+    """The dtype of weights, data and losses: float64 for --precision fp64 (verification runs), else float32
+    (bf16 is autocast over float32 weights)."""
+    return torch.float64 if precision == "fp64" else torch.float32
 
 
 def seed_dropout(seed, step, rank):
@@ -84,7 +93,8 @@ def atomic_write_bytes(path, write):
 
 
 class RunDir:
-    """The run directory: options.json, metrics.jsonl, last.pt, <phase>-<kimg>.pt snapshots, PNG grids.
+    """The run directory: options.json, metrics.jsonl, last.pt, <phase>-<kimg>.pt snapshots, PNG grids (and, with
+    in-loop selection, best.ckpt, best.json and FID_REFERENCE: selection.py).
     Only a writer (rank 0) writes; on other ranks the writing methods do nothing."""
 
     def __init__(self, path, writer=True):
@@ -118,8 +128,10 @@ class RunDir:
         return run, saved, load_checkpoint(run.file("last.pt"))
 
     def check_resume(self, saved, options):
-        """options may differ from the saved ones only in RESUMABLE fields; else ValueError, nothing written."""
-        diff = options.differences(saved)
+        """options may differ from the saved ones only in RESUMABLE fields (and in FID_METRIC ones while the run has
+        not measured Proximal FID yet); else ValueError, nothing written."""
+        measured = os.path.exists(self.file(FID_REFERENCE))
+        diff = options.differences(saved, RESUMABLE if measured else RESUMABLE | FID_METRIC)
         if diff:
             detail = ", ".join(f"{k}: saved {getattr(saved, k)!r}, given {getattr(options, k)!r}" for k in diff)
             raise ValueError(f"resume: the options differ from {self.file('options.json')} ({detail}); "
@@ -186,17 +198,18 @@ def deferred_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
-def run_phase(phase, run, total_steps, *, on_step=None, progress=True):
+def run_phase(phase, run, total_steps, *, on_step=None, progress=True, select=None):
     """Steps phase.completed..total_steps-1 of `phase`, an object with name, options, device, par (Parallel),
     completed (steps done), nonfinite (count), step(k) -> (finite, metrics), state_dict(), snapshot(run); every
     rank runs it (checkpoints and snapshots are collectives under FSDP), rank 0 writes. Returns "done" or
     "interrupted" (Ctrl-C: last.pt is written at the last completed step; the caller exits 0).
-    on_step(k, metrics) is called after each step (tests raise KeyboardInterrupt from it)."""
+    on_step(k, metrics) is called after each step (tests raise KeyboardInterrupt from it).
+    select: a selection.ProximalFID, called as select(phase, run) every options.fid_every_kimg and at the end."""
     bar = tqdm(total=total_steps, initial=phase.completed, desc=phase.name, unit="step",
                disable=not (progress and run.writer), dynamic_ncols=True)
     try:
         with deferred_sigint() as interrupted:
-            _steps(phase, run, total_steps, bar, on_step, interrupted)
+            _steps(phase, run, total_steps, bar, on_step, interrupted, select)
     except KeyboardInterrupt:
         pass
     finally:
@@ -209,9 +222,11 @@ def run_phase(phase, run, total_steps, *, on_step=None, progress=True):
     return "interrupted"
 
 
-def _steps(phase, run, total_steps, bar, on_step, interrupted):
+def _steps(phase, run, total_steps, bar, on_step, interrupted, select):
     o, batch = phase.options, phase.options.batch
     snapshot_steps = max(1, steps_for(o.snapshot_kimg, batch))
+    fid_steps = max(1, steps_for(o.fid_every_kimg, batch))
+    postfix = {}
     bad_in_a_row = 0
     t_log, step_log = time.perf_counter(), phase.completed
     # Ranks see Ctrl-C at different steps: all leave the loop together, at the first step any saw it.
@@ -231,12 +246,22 @@ def _steps(phase, run, total_steps, bar, on_step, interrupted):
                           mem_mb=round(memory_mb(phase.device), 1), nonfinite=phase.nonfinite, **metrics)
             run.log(record)
             t_log, step_log = now, step
-            bar.set_postfix(kimg=f"{record['kimg']:.2f}", img_s=f"{record['img_per_s']:.0f}",
-                            loss=f"{metrics['loss']:.4g}", refresh=False)
+            postfix.update(kimg=f"{record['kimg']:.2f}", img_s=f"{record['img_per_s']:.0f}",
+                           loss=f"{metrics['loss']:.4g}")
+            bar.set_postfix(postfix, refresh=False)
         bar.update(1)
         if step % snapshot_steps == 0 or step == total_steps:
             run.save_checkpoint(phase.state_dict(), "last.pt", f"{phase.name}-{step * batch / 1000:010.3f}kimg.pt")
             phase.snapshot(run)
             t_log = time.perf_counter()  # img/s measures training steps, not snapshots
+        if select is not None and (step % fid_steps == 0 or step == total_steps):
+            fid = select(phase, run)
+            postfix["pfid"] = f"{fid['proximal_fid']:.4g}"
+            bar.set_postfix(postfix, refresh=False)
+            if not bar.disable:
+                best = ", best so far: best.ckpt" if fid["best"] else ""
+                tqdm.write(f"{phase.name}: Proximal FID {fid['proximal_fid']:.4g} at {fid['kimg']:.3f} kimg "
+                           f"({fid['fid_images']} images, {fid['fid_s']:.1f} s){best}")
+            t_log = time.perf_counter()
         if on_step is not None:
             on_step(k, metrics)

@@ -5,11 +5,12 @@ import json
 import math
 
 from ..corruption import BlurNoiseCorruption, NoiseCorruption
+from ..metrics.fid import RESIZE_MODES
 from ..networks import PRESETS
 from .parallel import PARALLELS
 
 CORRUPTIONS = ("noise", "blur")
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
 SIGMA_SAMPLINGS = ("truncated", "clamp")
 DISTILL_LOSSES = ("sid", "dmd", "sds")
 
@@ -30,7 +31,10 @@ PRESET_DEFAULTS = {
 # The parallel mode (and the world size, which is not an option) changes only float rounding: checkpoints hold
 # full state dicts and every draw is keyed by global sample position.
 RESUMABLE = frozenset({"pretrain_kimg", "distill_kimg", "snapshot_kimg", "log_every", "device", "compile",
-                       "max_nonfinite", "parallel"})
+                       "max_nonfinite", "parallel", "fid_every_kimg", "fid_batch"})
+# The in-loop selection metric (selection.py): resumable only until the run has measured it, since its cached
+# reference stats and best.json are in its terms.
+FID_METRIC = frozenset({"fid_images", "fid_ref_images", "fid_mode"})
 
 
 @dataclasses.dataclass
@@ -59,6 +63,12 @@ class Options:
     grid_images: int = 64
     sample_steps: int = 18
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    # In-loop model selection by Proximal FID (selection.py): best.ckpt, best.json, metrics.jsonl lines.
+    fid_every_kimg: float = 0.0  # 0: off
+    fid_images: int = 10000  # generated images (seeds 0..fid_images-1) per measurement
+    fid_ref_images: int | None = None  # corrupted data images in the reference stats; None: all
+    fid_mode: str = "gpu"  # Inception resize: gpu (on the device) or clean (clean-fid's PIL bicubic, CPU)
+    fid_batch: int = 256  # images per generation / feature batch
     # Phase I (ambient-Tweedie pretraining).
     pretrain_kimg: float = 200000.0
     lr: float | None = None
@@ -107,15 +117,20 @@ class Options:
         choice("sigma_sampling", SIGMA_SAMPLINGS)
         choice("loss", DISTILL_LOSSES)
         choice("parallel", PARALLELS)
+        choice("fid_mode", RESIZE_MODES)
         for name in ("sigma", "blur", "pretrain_kimg", "distill_kimg", "lr_rampup_kimg", "ema_halflife_kimg",
                      "ema_rampup_ratio", "g_ema_halflife_kimg"):
             number(name)
         for name in ("lr", "g_lr", "sigma_init", "snapshot_kimg", "t_max"):
             number(name, strict=True)
         number("alpha", low=-math.inf)
-        for name in ("batch", "batch_gpu", "log_every", "sample_steps", "max_nonfinite"):
+        number("fid_every_kimg")
+        for name in ("batch", "batch_gpu", "log_every", "sample_steps", "max_nonfinite", "fid_batch"):
             integer(name)
         integer("grid_images", 0)
+        integer("fid_images", 2)  # a covariance needs two samples
+        if self.fid_ref_images is not None:
+            integer("fid_ref_images", 2)
         integer("seed", 0)
         if self.max_images is not None:
             integer("max_images")

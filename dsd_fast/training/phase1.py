@@ -13,14 +13,14 @@ from ..networks import build_network
 from ..reference.edm import sigma_clamp, sigma_truncated_lognormal
 from ..sampling import ambient_sample, dct_ode_sample
 from .ema import EMA, ema_beta
-from .loop import autocast, derive_seed, normal, seed_dropout, set_precision, uniform
+from .loop import autocast, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
 from .parallel import Parallel
 
 
-def sample_sigma_t(options, key, n, device, start=0):
+def sample_sigma_t(options, key, n, device, start=0, dtype=torch.float32):
     """Training levels sigma_t > sigma of samples start..start+n-1: the log-normal truncated by inverse CDF
     (default), or clamped (parity with the reference code, where clamped samples carry zero loss)."""
-    u = uniform(key, n, device, start)
+    u = uniform(key, n, device, start).to(dtype)
     if options.sigma_sampling == "clamp":
         # sigma_t = sigma exactly gives a zero-variance injection; inject needs sigma_t > sigma.
         return sigma_clamp(u, options.sigma).clamp(min=math.nextafter(options.sigma, math.inf))
@@ -32,7 +32,7 @@ def ambient_training_loss(D, corruption, y, sigma_t, eps, precision):
     x_t = corruption.inject(y, sigma_t, eps)
     with autocast(precision, y.device):
         x0_hat = D(x_t, sigma_t)
-    return corruption.ambient_loss(x0_hat.float(), x_t, y, sigma_t)
+    return corruption.ambient_loss(x0_hat.to(y.dtype), x_t, y, sigma_t)
 
 
 def lr_at(options, lr, nimg):
@@ -66,7 +66,8 @@ class Pretrain:
         self.corruption = options.make_corruption()
         set_precision(options.precision)
         torch.manual_seed(derive_seed(options.seed, "init"))  # the same initial weights on every rank
-        self.net = build_network(config).to(device).train()
+        self.dtype = compute_dtype(options.precision)
+        self.net = build_network(config).to(device, self.dtype).train()
         self.ema = EMA(self.net, self.par.average)
         self.trained = self.par.wrap(self.net)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -96,9 +97,10 @@ class Pretrain:
         o, dev, par, n = self.options, self.device, self.par, self.n
         seed_dropout(o.seed, k, par.rank)
         y, _ = self.data.batch(k, n, par.rank, par.world_size)
+        y = y.to(self.dtype)
         start = par.rank * n  # this rank's first sample in the step's global batch
-        sigma_t = sample_sigma_t(o, derive_seed(o.seed, "sigma_t", k), n, dev, start)
-        eps = normal(derive_seed(o.seed, "eps", k), y.shape, dev, start)
+        sigma_t = sample_sigma_t(o, derive_seed(o.seed, "sigma_t", k), n, dev, start, self.dtype)
+        eps = normal(derive_seed(o.seed, "eps", k), y.shape, dev, start, self.dtype)
         self.opt.zero_grad(set_to_none=True)
         loss_fn = lambda y_r, s_r, e_r: ambient_training_loss(self.D, self.corruption, y_r, s_r, e_r, o.precision)
         total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, eps, no_sync=lambda: par.no_sync(self.trained))
@@ -134,7 +136,8 @@ def grid_latents(options, config, device):
     if options.grid_images == 0:
         return None
     R, C = config.img_resolution, config.in_channels
-    return normal(derive_seed(options.seed, "grid"), (options.grid_images, C, R, R), device)
+    return normal(derive_seed(options.seed, "grid"), (options.grid_images, C, R, R), device,
+                  dtype=compute_dtype(options.precision))
 
 
 def save_data_grid(phase, run):

@@ -21,7 +21,7 @@ from ..networks import build_network
 from ..reference.edm import karras_sigma, karras_t
 from ..sampling import one_step
 from .ema import EMA, ema_beta
-from .loop import autocast, derive_seed, normal, seed_dropout, set_precision, uniform
+from .loop import autocast, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
 from .parallel import Parallel
 from .phase1 import accumulate, ambient_training_loss, grid_latents, sample_sigma_t, save_data_grid
 
@@ -50,7 +50,8 @@ class Distill:
         self.n, self.batch_gpu = par.batch_split(options.batch, options.batch_gpu)
         self.corruption = options.make_corruption()
         set_precision(options.precision)
-        self.teacher = build_network(config).to(device)
+        self.dtype = compute_dtype(options.precision)
+        self.teacher = build_network(config).to(device, self.dtype)
         try:
             self.teacher.load_state_dict(teacher_state)
         except RuntimeError as e:
@@ -89,7 +90,7 @@ class Distill:
 
     def generate(self, z):
         with autocast(self.options.precision, z.device):
-            return one_step(self.G_fn, z, self.options.sigma_init).float()
+            return one_step(self.G_fn, z, self.options.sigma_init).to(z.dtype)
 
     def fake_step(self, k, n, shape):
         """Update f_psi with the Phase I loss on generated images corrupted like the data: y~ = A x_g + sigma eps.
@@ -98,11 +99,11 @@ class Distill:
         key = lambda purpose: derive_seed(o.seed, purpose, k)
         start = par.rank * n  # this rank's first sample in the step's global batch
         with torch.no_grad():
-            z = normal(key("z_fake"), shape, dev, start)
+            z = normal(key("z_fake"), shape, dev, start, self.dtype)
             x_g = torch.cat([self.generate(z_r) for z_r in z.split(self.batch_gpu)])
-        y = self.corruption.A(x_g) + o.sigma * normal(key("eps_y"), shape, dev, start)
-        sigma_t = sample_sigma_t(o, key("sigma_fake"), n, dev, start)
-        eps = normal(key("eps_fake"), shape, dev, start)
+        y = self.corruption.A(x_g) + o.sigma * normal(key("eps_y"), shape, dev, start, self.dtype)
+        sigma_t = sample_sigma_t(o, key("sigma_fake"), n, dev, start, self.dtype)
+        eps = normal(key("eps_fake"), shape, dev, start, self.dtype)
         self.fake_opt.zero_grad(set_to_none=True)
         loss_fn = lambda y_r, s_r, e_r: ambient_training_loss(self.f_psi, self.corruption, y_r, s_r, e_r,
                                                               o.precision)
@@ -116,8 +117,8 @@ class Distill:
         x_g = self.generate(z)
         x_t = self.corruption.forward(x_g, sigma_t, eps)
         with autocast(self.options.precision, z.device):
-            f_phi = self.f_phi(x_t, sigma_t).float()
-            f_psi = self.f_psi_frozen(x_t, sigma_t).float()
+            f_phi = self.f_phi(x_t, sigma_t).to(x_t.dtype)
+            f_psi = self.f_psi_frozen(x_t, sigma_t).to(x_t.dtype)
         if self.options.loss == "sid":
             return functional.sid_generator_loss(f_phi, f_psi, x_g, self.options.alpha)
         if self.options.loss == "dmd":
@@ -129,9 +130,9 @@ class Distill:
         o, dev, par = self.options, self.device, self.par
         key = lambda purpose: derive_seed(o.seed, purpose, k)
         start = par.rank * n
-        z = normal(key("z_gen"), shape, dev, start)
-        sigma_t = karras_sigma(karras_t(uniform(key("t_gen"), n, dev, start), o.t_max))
-        eps = normal(key("eps_gen"), shape, dev, start)
+        z = normal(key("z_gen"), shape, dev, start, self.dtype)
+        sigma_t = karras_sigma(karras_t(uniform(key("t_gen"), n, dev, start).to(self.dtype), o.t_max))
+        eps = normal(key("eps_gen"), shape, dev, start, self.dtype)
         self.G_opt.zero_grad(set_to_none=True)
         self.fake.eval().requires_grad_(False)
         try:

@@ -1,0 +1,168 @@
+"""Seeded generation from checkpoints: the one-step student and the teacher's samplers, in batches.
+
+Image s (an integer seed) starts from latents z_s = Philox normal stream under the fixed key LATENT_KEY at
+counters s * C*H*W + arange(C*H*W): a pure function of s (and the image shape), so seed s gives the same image
+at any batch size, any world size, in any order. Every sampler here is a deterministic per-sample map of its
+latents (sampling.py), which carries that property to the images. The Proximal-FID corruption of generated
+image s is likewise keyed by s (PROXIMAL_KEY).
+"""
+
+import dataclasses
+import os
+import re
+
+import torch
+
+from . import functional
+from .data.datasets import to_float, to_uint8
+from .networks import build_network
+from .networks.presets import NetworkConfig
+from .reference.philox import corrupt_noise
+from .sampling import ambient_sample, dct_ode_sample, edm_heun, one_step
+
+# Fixed Philox keys (arbitrary 63-bit constants): latents and the proximal corruption of generated images.
+LATENT_KEY = 0x5EED_1A7E_17D5_0001
+PROXIMAL_KEY = 0x5EED_1A7E_17D5_0002
+MAX_SEED = 2**32 - 1
+
+SAMPLERS = ("one-step", "heun", "ambient-full", "ambient-truncated", "dct-ode")
+# Samplers that fit each observation model's teacher: EDM Heun and DSD's Ambient samplers assume the noise-only
+# process; a blur + noise teacher is sampled on its DCT process's PF-ODE.
+TEACHER_SAMPLERS = {"noise": ("ambient-truncated", "ambient-full", "heun"), "blur": ("dct-ode",)}
+
+
+def parse_seeds(spec):
+    """'0-49999', '3,7,10-12' or an iterable of ints -> list of distinct ints in [0, 2^32), in the given order."""
+    if isinstance(spec, str):
+        seeds = []
+        for part in spec.replace(" ", "").split(","):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if m is None:
+                raise ValueError(f"seeds: expected a list like '0-49999' or '1,5,10-19', got {spec!r}")
+            lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+            if hi < lo:
+                raise ValueError(f"seeds: range {part!r} ends before it starts")
+            if hi > MAX_SEED:  # before building the list: a huge range must not exhaust memory first
+                raise ValueError(f"seeds: expected seeds in [0, {MAX_SEED}], got {part!r}")
+            seeds.extend(range(lo, hi + 1))
+    else:
+        try:
+            seeds = [int(s) for s in spec]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"seeds: expected a string like '0-49999' or a list of ints, got {spec!r}") from e
+    if not seeds:
+        raise ValueError("seeds: expected at least one seed")
+    if min(seeds) < 0 or max(seeds) > MAX_SEED:
+        raise ValueError(f"seeds: expected seeds in [0, {MAX_SEED}], got range [{min(seeds)}, {max(seeds)}]")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seeds: expected distinct seeds (a repeated seed would repeat its image)")
+    return seeds
+
+
+def _index(seeds, device):
+    if isinstance(seeds, torch.Tensor):
+        return seeds.to(device=device, dtype=torch.int64)
+    return torch.as_tensor(list(seeds), dtype=torch.int64, device=device)
+
+
+def seed_latents(seeds, chw, device=None):
+    """float32 latents [len(seeds), C, H, W]; row b is a pure function of seeds[b] (see module doc).
+    On CUDA the fused Philox kernel draws them (bit-compatible with the reference stream)."""
+    index = _index(seeds, device)
+    if index.device.type == "cuda":
+        zeros = torch.zeros(index.shape[0], *chw, device=index.device)
+        return functional.corrupt(zeros, 1.0, seed=LATENT_KEY, index=index)
+    return corrupt_noise(LATENT_KEY, index, chw, device=index.device)
+
+
+@dataclasses.dataclass
+class Sampler:
+    """A loaded checkpoint network and how to sample it: __call__(z) -> float32 images in [-1, 1].
+
+    kind 'one-step': x = G(sigma_init z, sigma_init) with the student's EMA; the others run the teacher (a
+    Phase I EMA, or the teacher inside a Phase II checkpoint) for `steps` steps. options: the run's options
+    dict; corruption: its observation model (for Proximal FID)."""
+
+    net: torch.nn.Module
+    kind: str
+    steps: int
+    options: dict
+    config: object
+    corruption: object
+    precision: str = "fp32"
+
+    @property
+    def chw(self):
+        return (self.config.in_channels, self.config.img_resolution, self.config.img_resolution)
+
+    @torch.no_grad()
+    def __call__(self, z):
+        sigma = self.options["sigma"]
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            if self.kind == "one-step":
+                x = one_step(self.net, z, self.options["sigma_init"])
+            elif self.kind == "heun":
+                x = edm_heun(self.net, z, self.steps)
+            elif self.kind == "dct-ode":
+                x = dct_ode_sample(self.net, z, self.corruption, self.steps)
+            else:
+                x = ambient_sample(self.net, z, sigma, self.steps, truncate=self.kind == "ambient-truncated")
+        return x.float()  # to_uint8 rounds x * 127.5 + 127.5: EDM's floor(x * 127.5 + 128), as its PNGs
+
+    def images(self, seeds, device=None):
+        """uint8 images [len(seeds), C, H, W] of these seeds on device."""
+        device = device if device is not None else next(self.net.parameters()).device
+        return to_uint8(self(seed_latents(seeds, self.chw, device)))
+
+
+def load_sampler(ckpt, sampler=None, steps=18, device="cpu", precision="fp32"):
+    """Sampler from a checkpoint file (or a run directory: its last.pt). sampler None: 'one-step' for a Phase II
+    checkpoint, the corruption's first teacher sampler for a Phase I one. A Phase II checkpoint serves both the
+    student (one-step) and its teacher (any teacher sampler)."""
+    from .training import Options
+    from .training.loop import load_checkpoint
+
+    if isinstance(ckpt, (str, os.PathLike)) and os.path.isdir(ckpt):
+        ckpt = os.path.join(ckpt, "last.pt")
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"ckpt: checkpoint {os.fspath(ckpt)!r} does not exist")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+    state = load_checkpoint(ckpt)
+    phase = state.get("phase") if isinstance(state, dict) else None
+    if phase not in ("pretrain", "distill") or "options" not in state or "net_config" not in state:
+        raise ValueError(f"ckpt: {os.fspath(ckpt)!r} is not a dsd-fast training checkpoint")
+    options = Options.from_dict(state["options"])
+    teacher_samplers = TEACHER_SAMPLERS[options.corruption]
+    allowed = (("one-step",) if phase == "distill" else ()) + teacher_samplers
+    sampler = allowed[0] if sampler is None else sampler
+    if sampler not in allowed:
+        what = f"a {'Phase II' if phase == 'distill' else 'Phase I'} checkpoint of a '{options.corruption}' run"
+        raise ValueError(f"sampler: expected one of {allowed} for {what}, got {sampler!r}")
+    config = NetworkConfig(**state["net_config"])
+    net = build_network(config)
+    weights = state["G_ema"] if sampler == "one-step" else state["teacher" if phase == "distill" else "ema"]
+    net.load_state_dict(weights)
+    net = net.to(device).eval().requires_grad_(False)
+    return Sampler(net, sampler, steps, options.to_dict(), config, options.make_corruption(), precision)
+
+
+def split_seeds(seeds, rank, world_size):
+    """This rank's share of seeds: a strided slice, so every rank's batches stay full until the end."""
+    return seeds[rank::world_size]
+
+
+def batches(seeds, batch):
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
+    for i in range(0, len(seeds), batch):
+        yield seeds[i:i + batch]
+
+
+def proximal_corrupt(images, corruption, seeds):
+    """Corrupt uint8 generated images of these seeds with the run's observation model (noise fixed per seed,
+    PROXIMAL_KEY): Proximal FID compares them with the corrupted data."""
+    x = to_float(images)
+    return to_uint8(corruption.corrupt(x, PROXIMAL_KEY, _index(seeds, x.device)))
