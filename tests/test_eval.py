@@ -149,6 +149,25 @@ def test_eval_blur_run(blur_run):
     assert "PF-ODE" in md and "BlurNoiseCorruption" in md
 
 
+def test_eval_data_images(noise_run, tmp_path):
+    """--data-images N: the first N data images make the reference stats and the Observation row."""
+    run_dir = copy_run(noise_run, tmp_path / "copy")
+    n = int(torch.randint(4, N_DATA, ()))
+    _, result, _ = run_eval(run_dir, "--data-images", n)
+    samples, corruption, x = expected_samples(run_dir, [])
+    obs = samples["observation"][:n]
+    assert result["data_images"] == n and result["references"]["clean"]["num_images"] == n
+    row = result["rows"][0]
+    assert row["key"] == "observation" and row["num_images"] == n
+    proximal = proximal_corrupt(obs, corruption, range(n))
+    assert row["fid"] == pytest.approx(fid_from_features(cheap_features(obs), feature_stats(cheap_features(x[:n]))),
+                                       rel=1e-9)
+    assert row["proximal_fid"] == pytest.approx(
+        fid_from_features(cheap_features(proximal), feature_stats(cheap_features(obs))), rel=1e-9)
+    r = invoke("eval", run_dir, *EVAL_ARGS, "--data-images", N_DATA + 1)
+    assert r.exit_code == 1 and f"data_images: expected at most the {N_DATA} images" in r.output
+
+
 def test_eval_noisy_data(noise_run, tmp_path):
     """A run on already-noisy data has no clean data: FID is n/a unless --ref gives clean stats."""
     run_dir = copy_run(noise_run, tmp_path / "noisy", noisy_data=True)

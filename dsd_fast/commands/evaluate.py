@@ -40,16 +40,18 @@ NO_CLEAN = "n/a (no clean data; pass --ref)"
               help="Images per generation batch (per process).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Generator arithmetic.")
+@click.option("--data-images", type=click.IntRange(min=2), default=None,
+              help="Use the first N data images for the reference stats and the Observation row.  [all]")
 @fid.feature_options
 @click.option("--grid-images", type=click.IntRange(min=0), default=64, show_default=True,
               help="Images per row's PNG grid (0: none).")
-def command(run_dir, num, steps, ref, proximal_ref, batch, precision, mode, inception, inception_batch, device,
-            grid_images):
+def command(run_dir, num, steps, ref, proximal_ref, batch, precision, data_images, mode, inception, inception_batch,
+            device, grid_images):
     """Table-2-style comparison of a distilled run: writes RUN_DIR/eval.md, eval.json and eval-<row>.png."""
     try:
         written = evaluate(run_dir, num=num, steps=steps, ref=ref, proximal_ref=proximal_ref, batch=batch,
-                           precision=precision, mode=mode, inception=inception, inception_batch=inception_batch,
-                           device=device, grid_images=grid_images)
+                           precision=precision, data_images=data_images, mode=mode, inception=inception,
+                           inception_batch=inception_batch, device=device, grid_images=grid_images)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     if written is not None:
@@ -57,7 +59,7 @@ def command(run_dir, num, steps, ref, proximal_ref, batch, precision, mode, ince
 
 
 def evaluate(run_dir, *, num=50000, steps=None, ref=None, proximal_ref=None, batch=1024, precision="fp32",
-             mode="gpu", inception=None, inception_batch=256, device=None, grid_images=64):
+             data_images=None, mode="gpu", inception=None, inception_batch=256, device=None, grid_images=64):
     """Compute the table and write it (rank 0): returns the markdown, None on other ranks. Every check (run, refs,
     data, weights) comes before any generation, and nothing is written before everything is computed."""
     from ..evaluation import load_reference
@@ -76,6 +78,11 @@ def evaluate(run_dir, *, num=50000, steps=None, ref=None, proximal_ref=None, bat
     refs = {"clean": load_reference(ref, corrupted=False, name="ref") if ref else None,
             "corrupted": load_reference(proximal_ref, corrupted=True, name="proximal_ref") if proximal_ref else None}
     images, source = fid.reference_data(options, name="run_dir")
+    if data_images is not None:
+        if data_images > images.shape[0]:
+            raise ValueError(f"data_images: expected at most the {images.shape[0]} images of the run's data set "
+                             f"{source}, got {data_images}")
+        images = images[:data_images]
     if images.shape[0] < 2:
         raise ValueError(f"run_dir: the run's data set {source} holds {images.shape[0]} image; stats need >= 2")
     config = resolve_config(options.preset)
