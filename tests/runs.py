@@ -1,7 +1,10 @@
 """Tiny trained runs (cpu-tiny, a few steps on smooth random images) shared by the generation, FID and eval
-tests: one noise run and one blur + noise run, each Phase I then Phase II, built once per test session."""
+tests: one noise run and one blur + noise run, each Phase I then Phase II, built once per test session; and the
+2-process torchrun launcher of the multi-process tests."""
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -25,3 +28,17 @@ def make_run(path, corruption="noise", n_images=16, **kw):
     data = GPUData(smooth_images(n_images), device="cpu", corruption=o.make_corruption(), seed=o.seed)
     assert train(o, phases=("pretrain", "distill"), outdir=str(path), data=data, progress=False) == "done"
     return str(path)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(*args):
+    """`torchrun --standalone --nproc-per-node 2 -m dsd_fast ARGS` on the CPU (gloo); its stdout. Fails the test
+    with the processes' output tails when they fail."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsd_fast",
+           *map(str, args)]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r.stdout

@@ -6,8 +6,6 @@ import glob
 import json
 import os
 import re
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -15,7 +13,7 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
-from runs import make_run
+from runs import make_run, torchrun
 
 from dsd_fast.cli import main
 from dsd_fast.data import load_images, to_uint8
@@ -23,7 +21,6 @@ from dsd_fast.data.datasets import _encode_png
 from dsd_fast.generation import LATENT_KEY, MAX_SEED, batches, load_sampler, parse_seeds, seed_latents
 from dsd_fast.reference.philox import corrupt_noise
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A seed's float image at two batch sizes: CPU convolutions pick different blockings per batch size, which moves
 # the last bits (measured on cpu-tiny: 2.4e-7 one-step; 3e-4 after Heun from sigma_max = 80 to images as large as
 # 197 -- an untrained teacher -- i.e. 1.5e-6 of the largest value). Floats are compared to TOL relative to the
@@ -282,14 +279,6 @@ def test_bad_input(case, match, run, blur_ckpt, tmp_path):
     assert sorted(os.listdir(tmp_path)) == before and os.listdir(tmp_path / "dir.zip") == []
 
 
-def _torchrun(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsd_fast",
-           *map(str, args)]
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return r.stdout
-
 
 def test_torchrun_two_processes(run, tmp_path):
     """2 processes (gloo): the npz equals the 1-process one (rank 0 gathers and writes in seed order, the ranks'
@@ -298,7 +287,7 @@ def test_torchrun_two_processes(run, tmp_path):
     seeds = _seeds(11)  # ranks hold 6 and 5 seeds: with batch 4 rank 1's last step has 1 image, rank 0's 2
     spec = ",".join(map(str, seeds))
     x = sampler(seed_latents(seeds, sampler.chw))
-    stdout = _torchrun("generate", "--ckpt", run[0], "--seeds", spec, "--batch", 4, "--out", tmp_path / "two.npz")
+    stdout = torchrun("generate", "--ckpt", run[0], "--seeds", spec, "--batch", 4, "--out", tmp_path / "two.npz")
     assert stdout.count("Wrote 11 images") == 1  # rank 0 reports
     images, got = _npz(tmp_path / "two.npz")
     assert got.tolist() == seeds
@@ -307,7 +296,7 @@ def test_torchrun_two_processes(run, tmp_path):
     assert r.exit_code == 0, r.output
     assert_uint8_matches(_npz(tmp_path / "one.npz")[0], x)
 
-    _torchrun("generate", "--ckpt", run[0], "--seeds", spec, "--batch", 2, "--out", tmp_path / "pngs")
+    torchrun("generate", "--ckpt", run[0], "--seeds", spec, "--batch", 2, "--out", tmp_path / "pngs")
     assert sorted(os.listdir(tmp_path / "pngs")) == sorted(f"{s:06d}.png" for s in seeds)
     assert_uint8_matches(load_images(tmp_path / "pngs"), x[np.argsort([f"{s:06d}" for s in seeds])])
 

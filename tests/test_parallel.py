@@ -4,18 +4,16 @@ across the phase boundary), and rank 0 alone writes the run directory."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from runs import torchrun
 
 from dsd_fast.training import Options, train
 from dsd_fast.training.loop import load_checkpoint
 from dsd_fast.training.parallel import Parallel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # batch 4 on 2 ranks with batch_gpu 1: two accumulation rounds per rank (the first under no_sync); the 1-process
 # reference runs four rounds of 1, so every per-sample forward is the same computation and the runs differ only
 # in the order gradients are summed. A snapshot (checkpoint, EMA grid) after every step: under FSDP both are
@@ -49,14 +47,6 @@ def reference(tmp_path_factory):
     return path / "data.npz", seed, metrics, load_checkpoint(path / "ref" / "last.pt")
 
 
-def _torchrun(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsd_fast",
-           *map(str, args)]
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return r.stdout
-
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(parallel, reference, tmp_path):
@@ -66,8 +56,8 @@ def test_two_processes_match_one(parallel, reference, tmp_path):
              "--log-every", 1, "--grid-images", 4, "--sample-steps", 2, "--snapshot-kimg", 0.004, "--sigma", 0.3,
              "--precision", "fp64", "--seed", seed, "--dataset", data, "--parallel", parallel]
     # Phase I for 2 steps, then resume (every rank loads last.pt) for a 3rd step and on into Phase II.
-    _torchrun("pretrain", *flags, "--kimg", 0.008, "--outdir", run)
-    _torchrun("train", "--resume", run, "--pretrain-kimg", PRETRAIN_KIMG, "--distill-kimg", DISTILL_KIMG)
+    torchrun("pretrain", *flags, "--kimg", 0.008, "--outdir", run)
+    torchrun("train", "--resume", run, "--pretrain-kimg", PRETRAIN_KIMG, "--distill-kimg", DISTILL_KIMG)
     # Rank 0 alone logs: one line per step.
     lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [(r["phase"], r["step"]) for r in lines] == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3),
