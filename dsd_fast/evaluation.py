@@ -57,6 +57,12 @@ def sampler_features(sampler, seeds, features, *, batch=1024, proximal=False, pr
     return gather_rows(torch.cat(out).to(device)).cpu()
 
 
+def observe(images, corruption, seed, index):
+    """The fixed observations y_i = corruption.corrupt(x_i, seed, index_i) of uint8 images, quantised to uint8 as a
+    corrupted data set is stored (a training run draws image i with index i and its options.seed)."""
+    return to_uint8(corruption.corrupt(to_float(images), seed, index.to(images.device)))
+
+
 def data_features(images, features, *, corruption=None, seed=0, index=None, batch=256, progress=True,
                   desc="data"):
     """Features of uint8 data images [N, C, H, W]; with an observation model, of their fixed corruption
@@ -71,7 +77,7 @@ def data_features(images, features, *, corruption=None, seed=0, index=None, batc
     with tqdm(total=images.shape[0], desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for x, i in zip(images.split(batch), index.split(batch), strict=True):
             if corruption is not None:
-                x = to_uint8(corruption.corrupt(to_float(x), seed, i.to(x.device)))
+                x = observe(x, corruption, seed, i)
             out.append(features(x))
             bar.update(x.shape[0])
     return torch.cat(out)

@@ -154,7 +154,7 @@ def _measure(options, images, refs, rows, features, par, *, ckpt, num, steps, ba
         if kind is None:
             out.append(measure(key, name, None, obs["corrupted"], obs["proximal"], images.shape[0], grid_images))
             if grid_images and par.main:
-                grids[key] = _observe(options, images[:grid_images].to(par.device), 0)
+                grids[key] = _observe(options, images[:grid_images].to(par.device))
             continue
         sampler = load_sampler(ckpt, kind, steps, par.device, precision)
         feats, proximal_feats = sampler_features_with_proximal(sampler, range(num), features, batch=batch, desc=name)
@@ -178,17 +178,15 @@ def _halves(feats):
     return fid_from_features(feats[0::2], feature_stats(feats[1::2]))
 
 
-def _observe(options, x, start):
-    """The run's observations y_i of uint8 data images x (indices start..), quantised as stored; as-is for noisy
+def _observe(options, x, index=None):
+    """The run's observations y_i of uint8 data images x with data-set indices index (default 0..); as-is for noisy
     data."""
     import torch
 
-    from ..data import to_float, to_uint8
+    from ..evaluation import observe
 
-    if options.noisy_data:
-        return x
-    index = torch.arange(start, start + x.shape[0], device=x.device)
-    return to_uint8(options.make_corruption().corrupt(to_float(x), options.seed, index))
+    index = torch.arange(x.shape[0]) if index is None else index
+    return x if options.noisy_data else observe(x, options.make_corruption(), options.seed, index)
 
 
 def _observation_features(options, images, features, par, *, clean, batch):
@@ -198,7 +196,6 @@ def _observation_features(options, images, features, par, *, clean, batch):
     import torch
     from tqdm import tqdm
 
-    from ..data import to_float, to_uint8
     from ..evaluation import gather_rows
     from ..generation import proximal_corrupt
 
@@ -209,7 +206,7 @@ def _observation_features(options, images, features, par, *, clean, batch):
         for i in mine.split(batch):
             x = images[i].to(par.device)
             index = i.to(par.device)
-            y = x if options.noisy_data else to_uint8(corruption.corrupt(to_float(x), options.seed, index))
+            y = _observe(options, x, index)
             out["index"].append(index.view(-1, 1))
             if clean:
                 out["clean"].append(features(x))
