@@ -130,15 +130,15 @@ _compiled = {}
 
 def provider_function(op, provider, reference, fused, monkeypatch):
     """The callable a case times: the eager reference, torch.compile of it (one static graph per op and
-    shape), or the fused op with the Triton backend forced (skipped where Triton cannot run)."""
+    shape), or the fused op with its backend (triton, cuda_ext) forced (skipped where that cannot run)."""
     if provider == "reference":
         return reference
     if provider == "compiled":
         if op not in _compiled:
             _compiled[op] = torch.compile(reference, dynamic=False, backend=COMPILE_BACKEND)
         return _compiled[op]
-    reason = backend.why_not("triton", op, DEVICE)
+    reason = backend.why_not(provider, op, DEVICE)
     if reason is not None:
         pytest.skip(reason)
-    monkeypatch.setenv("DSD_FAST_BACKEND", "triton")
+    monkeypatch.setenv("DSD_FAST_BACKEND", provider)
     return fused

@@ -1,5 +1,6 @@
 """Elementwise and per-sample-reduction ops: reference (eager torch), compiled (torch.compile of the
-reference) and triton (the fused dsd_fast op); modes forward, backward, full (forward + backward).
+reference), triton (the fused dsd_fast op) and, for corrupt and add_noise, cuda_ext (the same op on the
+CUDA extension's kernels, where it was built); modes forward, backward, full (forward + backward).
 
 Minimal bytes per case (BYTES): every input read once, every output written once, with N = B*C*H*W
 image elements and B per-sample scalars, e bytes each (int64 index: 8 bytes). Backward reads grad_out and
@@ -87,7 +88,9 @@ else:
     SHAPES = [(4, 3, 8, 8)]  # a check that every case runs (Triton interpreted), not a measurement
     DTYPES = [torch.float32]
 
-CASES = [(op, mode) for op in OPS for mode in MODES[op]]
+CUDA_EXT_OPS = ("corrupt", "add_noise")  # the ops with CUDA-extension kernels (csrc/), where it was built
+CASES = [(op, mode, provider) for op in OPS for mode in MODES[op]
+         for provider in PROVIDERS + ["cuda_ext"] * (op in CUDA_EXT_OPS)]
 
 
 def _make_set(op, shape, dtype):
@@ -109,8 +112,7 @@ def _make_set(op, shape, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("op, mode", CASES)
+@pytest.mark.parametrize("op, mode, provider", CASES)
 def test_elementwise(benchmark, monkeypatch, op, mode, provider, shape, dtype):
     fn = provider_function(op, provider, *OPS[op][3:], monkeypatch)
     benchmark.group = f"{op} {mode} {'x'.join(map(str, shape))} {dtype}"

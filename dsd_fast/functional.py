@@ -106,7 +106,7 @@ def corrupt(x, sigma, *, seed, index):
     sigma = _check_scalar("sigma", sigma)
     seed = _check_seed(seed)
     index = _check_index(index, x)
-    if backend.choose("corrupt", x.device, _ops_noise.SUPPORTED) != "reference":
+    if backend.choose("corrupt", x.device, _ops_noise.NOISE_SUPPORTED) != "reference":
         return _ops_noise.corrupt(x, sigma, seed, index)
     eps = _philox.corrupt_noise(seed, index, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     return x + sigma * eps
@@ -120,7 +120,7 @@ def add_noise(y, sigma_t, sigma, *, seed, offset=0):
     seed = _check_seed(seed)
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
         raise ValueError(f"offset: expected a non-negative integer, got {offset!r}")
-    if backend.choose("add_noise", y.device, _ops_noise.SUPPORTED) != "reference":
+    if backend.choose("add_noise", y.device, _ops_noise.NOISE_SUPPORTED) != "reference":
         return _ops_noise.add_noise(y, sigma_t, sigma, seed, int(offset))
     eps = _philox.stream_normal(seed, int(offset), tuple(y.shape), dtype=y.dtype, device=y.device)
     scale = (sigma_t**2 - sigma**2).sqrt().reshape(-1, 1, 1, 1)

@@ -363,8 +363,11 @@ def dct_ambient_loss_op(x0_hat: Tensor, x_t: Tensor, y: Tensor, s: Tensor, b_s: 
             return loss.to(x0_hat.dtype), grad.to(x0_hat.dtype)
         meta, _, C = _geometry(xs[0])
         scalars = s.contiguous(), b_s.contiguous(), weight.contiguous()
+        # num_stages=1: Triton's software pipelining of the channel loop multi-buffers its loads in shared
+        # memory, 256 KiB at 3x64^2 float32 (tf32x3) against the H100's 227 KiB, so the kernel never ran
+        # there; unpipelined it needs 160 KiB (sm_90 compile, bench/kernel_resources.py).
         if _launch("dct_ambient_loss_kernel", (B,), *xs, *scalars, sigma, blur, loss, grad,
-                   *_forward_matrices(x0_hat), C=C, NEED_GRAD=need_grad, **meta):
+                   *_forward_matrices(x0_hat), C=C, NEED_GRAD=need_grad, num_stages=1, **meta):
             return loss.to(x0_hat.dtype), grad.to(x0_hat.dtype)
     # Unfused: the transforms through the dct2/idct2 ops (their kernels where those run), the rest in torch.
     with torch.no_grad():  # plain math on plain tensors: this is the op's forward, not its autograd

@@ -5,12 +5,14 @@ dsd_fast::add_noise(y, sigma_t, sigma, seed, offset) = y + sqrt(sigma_t^2 - sigm
 eps[b, j] = randn(seed, offset + b * CHW + j) (j the flat C, H, W index). Seeds are uint64; the ops take
 their int64 two's-complement view (`signed_seed`), which Philox reads as the same 64 bits.
 
-The Triton kernels (dsd_fast.kernels.noise) run for float32/bfloat16/float16 tensors on CUDA (or under
-TRITON_INTERPRET=1 when DSD_FAST_BACKEND=triton); otherwise the reference math of dsd_fast.reference.philox.
-Both draw the same normals; the kernels add them in float32 and round once.
+Backends, first eligible wins (dsd_fast.ops.backend): the CUDA extension dsd_fast._C (csrc/, when it was
+built) and the Triton kernels (dsd_fast.kernels.noise) for float32/bfloat16/float16 tensors on CUDA (Triton
+also under TRITON_INTERPRET=1 when DSD_FAST_BACKEND=triton); otherwise the reference math of
+dsd_fast.reference.philox. All draw the same normals; the kernels add them in float32 and round once.
 """
 
 import functools
+import warnings
 
 import torch
 from torch import Tensor
@@ -18,8 +20,9 @@ from torch import Tensor
 from dsd_fast.ops import backend
 from dsd_fast.reference import philox as _philox
 
-SUPPORTED = ("triton", "reference")
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED = ("triton", "reference")  # the fused losses (dsd_fast.ops.losses) have Triton kernels only
+NOISE_SUPPORTED = ("cuda_ext", "triton", "reference")  # corrupt / add_noise also have CUDA kernels (csrc/)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the CUDA kernels take the same ones
 # Elements per program of the one-block-per-program kernels (here and in ops.losses): on an H100
 # (512x3x64x64 float32, do_bench) 1024 / 4 warps gave the fastest backward kernels (1.6-2.2 TB/s);
 # corrupt / add_noise timings were host-bound (50-200 us, no stable winner among 1024-4096, 4-8 warps).
@@ -30,16 +33,54 @@ NUM_WARPS = 4
 # ----------------------------------------------------------------------------------------------------
 # Backend choice and launch helpers (shared with dsd_fast.ops.losses).
 
+def pick(op, x, supported=SUPPORTED):
+    """The backend that runs `op` on x (cuda_ext, triton or reference). Where a forced kernel backend cannot
+    take x (its dtype, or an extension that fails its self-check) this raises; auto falls back."""
+    name = backend.choose(op, x.device, supported=supported)
+    forced = backend.requested() == name
+    if name != "reference" and x.dtype not in TRITON_DTYPES:
+        if forced:
+            raise RuntimeError(f"DSD_FAST_BACKEND={name} cannot run {op}: the kernels take float32/bfloat16/"
+                               f"float16 tensors, got {x.dtype}")
+        return "reference"
+    if name == "cuda_ext" and (reason := cuda_ext_check(backend.cuda_ext(), op, x.device)) is not None:
+        if forced:
+            raise RuntimeError(f"DSD_FAST_BACKEND=cuda_ext cannot run {op}: {reason}")
+        return pick(op, x, tuple(b for b in supported if b != "cuda_ext"))
+    return name
+
+
+@functools.cache
+def cuda_ext_check(ext, op, device):
+    """None when the extension's `op` kernel reproduces the reference Philox noise on `device`, else why not.
+    Run once per process, extension, op and device on a small input whose seed and counters pass 2^32: a
+    stale or miscompiled build must not change the dataset's noise silently (auto then skips it, with a
+    warning)."""
+    x = torch.linspace(-1.0, 1.0, 2 * 3 * 8 * 8, device=device).view(2, 3, 8, 8)
+    seed, sigma = 2**64 - 59, 0.5
+    if op == "corrupt":
+        index = torch.tensor([3, 2**33], device=device)
+        got = ext.corrupt(x, sigma, seed, index)
+        want = x + sigma * _philox.corrupt_noise(seed, index, (3, 8, 8), dtype=torch.float32, device=device)
+    elif op == "add_noise":
+        sigma_t, offset = torch.tensor([0.7, 2.0], device=device), 2**32 + 7
+        got = ext.add_noise(x, sigma_t, sigma, seed, offset)
+        want = x + (sigma_t**2 - sigma**2).sqrt().view(-1, 1, 1, 1) * _philox.stream_normal(
+            seed, offset, tuple(x.shape), torch.float32, device)
+    else:
+        raise ValueError(f"op: expected corrupt or add_noise, got {op!r}")
+    err = (got.float() - want).abs().max().item() if got.shape == want.shape else float("inf")
+    if err <= 1e-4:  # float32 libm rounding is ~1e-6 here; a wrong stream is off by O(1)
+        return None
+    reason = (f"the CUDA extension's {op} kernel does not reproduce the reference Philox noise (max error "
+              f"{err:.3g} on {device}); rebuild it (DSD_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .)")
+    warnings.warn(f"dsd_fast: not using the CUDA extension: {reason}", RuntimeWarning, stacklevel=3)
+    return reason
+
+
 def use_triton(op, x):
     """True to run `op` on x with the Triton kernels; raises when they are forced but cannot take x."""
-    if backend.choose(op, x.device, supported=SUPPORTED) != "triton":
-        return False
-    if x.dtype in TRITON_DTYPES:
-        return True
-    if backend.requested() == "triton":
-        raise RuntimeError(f"DSD_FAST_BACKEND=triton cannot run {op}: the kernels take float32/bfloat16/"
-                           f"float16 tensors, got {x.dtype}")
-    return False
+    return pick(op, x) == "triton"
 
 
 def interpreting(device):
@@ -102,7 +143,10 @@ def _check_offset(offset, n):
 
 @torch.library.custom_op("dsd_fast::corrupt", mutates_args=())
 def _corrupt(x: Tensor, sigma: float, seed: int, index: Tensor) -> Tensor:
-    if not use_triton("corrupt", x) or x.numel() == 0:
+    which = pick("corrupt", x, NOISE_SUPPORTED)
+    if which == "cuda_ext":
+        return backend.cuda_ext().corrupt(x, sigma, seed % 2**64, index.to(device=x.device, dtype=torch.int64))
+    if which != "triton" or x.numel() == 0:
         eps = _philox.corrupt_noise(seed % 2**64, index, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
         return (x + sigma * eps).contiguous()
     x2, chw = _rows(x)
@@ -138,7 +182,10 @@ def corrupt(x, sigma, seed, index):
 @torch.library.custom_op("dsd_fast::add_noise", mutates_args=())
 def _add_noise(y: Tensor, sigma_t: Tensor, sigma: float, seed: int, offset: int) -> Tensor:
     _check_offset(offset, y.numel())
-    if not use_triton("add_noise", y) or y.numel() == 0:
+    which = pick("add_noise", y, NOISE_SUPPORTED)
+    if which == "cuda_ext":
+        return backend.cuda_ext().add_noise(y, sigma_t, sigma, seed % 2**64, offset)
+    if which != "triton" or y.numel() == 0:
         q = (sigma_t**2 - sigma**2).sqrt().reshape(-1, *([1] * (y.ndim - 1)))
         return (y + q * _eps_stream(y, seed, offset).to(y.dtype)).contiguous()
     y2, chw = _rows(y)
@@ -157,7 +204,7 @@ def _(y, sigma_t, sigma, seed, offset):
 @torch.library.custom_op("dsd_fast::add_noise_backward", mutates_args=())
 def _add_noise_backward(grad: Tensor, sigma_t: Tensor, sigma: float, seed: int, offset: int) -> Tensor:
     """d/d sigma_t of sum(grad * x_t) = sigma_t / sqrt(sigma_t^2 - sigma^2) * sum_CHW(grad * eps)."""
-    if not use_triton("add_noise", grad) or grad.numel() == 0:
+    if not use_triton("add_noise_backward", grad) or grad.numel() == 0:  # no CUDA-extension kernel for this
         dot = (grad.float() * _eps_stream(grad, seed, offset)).flatten(1).sum(1)
     else:
         g2, chw = _rows(grad)
