@@ -20,6 +20,7 @@ from dsd_fast.training import Distill, Options, Pretrain, TrainingError, train
 from dsd_fast.training.ema import EMA, ema_beta
 from dsd_fast.training.grids import to_uint8_grid
 from dsd_fast.training.loop import load_checkpoint
+from dsd_fast.training.phase1 import sample_sigma_t
 from dsd_fast.training.phase2 import _apply
 
 CPU = torch.device("cpu")
@@ -285,3 +286,21 @@ def test_ema_and_grid():
     assert g.shape == (2 * 4, 3 * 6, 3) and g[4:, 12:].max() == 0  # 3 columns, 6th tile empty
     expected = (x[4] * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(g[4:8, 6:12], expected)
+
+
+@pytest.mark.parametrize("precision, dtype, corruption", [("fp32", torch.float32, "noise"),
+                                                       ("fp32", torch.float32, "blur"),
+                                                       ("fp64", torch.float64, "noise")])
+def test_clamp_sampling_trains(precision, dtype, corruption):
+    """--sigma-sampling clamp (reference-code parity): the clamped draws sit on the next float above sigma in the
+    training dtype (a float64 nextafter rounded back to sigma in float32, and inject rejected every clamped step),
+    they carry ~no loss, and Phase I and the fake-score step run with them."""
+    o = _options(sigma_sampling="clamp", precision=precision, batch=8, sigma=0.4, **_corruption(corruption))
+    s = sample_sigma_t(o, 123, 4096, CPU, dtype=dtype)
+    floor = torch.tensor(o.sigma, dtype=dtype).nextafter(torch.tensor(math.inf, dtype=dtype))
+    assert s.dtype == dtype and bool((s >= floor).all())
+    clamped = (s == floor).double().mean().item()
+    assert abs(clamped - 0.5934) < 0.03  # P(lognormal(-1.2, 1.2) <= 0.4) = Phi((ln 0.4 + 1.2) / 1.2)
+    assert Pretrain(o, CONFIG, _data(o), CPU).step(0)[0]
+    d = Distill(o, CONFIG, None, CPU, build_network(CONFIG).state_dict())
+    assert math.isfinite(d.fake_step(0, 8, (8, 3, 32, 32)))

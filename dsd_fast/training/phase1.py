@@ -22,8 +22,11 @@ def sample_sigma_t(options, key, n, device, start=0, dtype=torch.float32):
     (default), or clamped (parity with the reference code, where clamped samples carry zero loss)."""
     u = uniform(key, n, device, start).to(dtype)
     if options.sigma_sampling == "clamp":
-        # sigma_t = sigma exactly gives a zero-variance injection; inject needs sigma_t > sigma.
-        return sigma_clamp(u, options.sigma).clamp(min=math.nextafter(options.sigma, math.inf))
+        # sigma_t = sigma exactly gives a zero-variance injection; inject needs sigma_t > sigma. The floor is the
+        # next float above sigma in the sample's own dtype: float64's nextafter would round back to sigma in fp32.
+        s = sigma_clamp(u, options.sigma)
+        floor = torch.full_like(s, options.sigma)
+        return torch.maximum(s, floor.nextafter(torch.full_like(s, math.inf)))
     return sigma_truncated_lognormal(u, options.sigma)
 
 
