@@ -1,6 +1,10 @@
-"""Render pytest-benchmark JSON (bench/results/*.json) as one markdown table: device, op, shape, dtype,
-mode, provider, median ms, GB/s (minimal bytes / median), % of the peak bandwidth (default 3.0 TB/s,
-the H100's measured device-to-device copy rate, bench/ceilings.py).
+"""Render pytest-benchmark JSON (bench/results/*.json) as markdown tables.
+
+Bandwidth (records with bytes): device, op, shape, dtype, mode, provider, median ms, GB/s (minimal bytes /
+median), % of the peak bandwidth (default 3.0 TB/s, the H100's measured device-to-device copy rate,
+bench/ceilings.py).
+Training steps (records with phase and img_per_s, bench/test_bench_train.py), printed after it when there are
+any: device, phase, preset, ladder rung, sigma sampling, median ms, img/s, useful img/s, TFLOP/s, MFU %.
 
     python bench/render_table.py bench/results/*.json [--peak-tbps 3.0] [--out table.md]
 """
@@ -11,6 +15,8 @@ from pathlib import Path
 
 PROVIDER_ORDER = {"reference": 0, "compiled": 1, "triton": 2, "cuda_ext": 3}
 MODE_ORDER = {"forward": 0, "backward": 1, "full": 2}
+PHASE_ORDER = {"pretrain": 0, "distill": 1}
+RUNG_ORDER = {"eager-fp32": 0, "bf16": 1, "bf16+compile": 2, "bf16+compile+fused": 3}  # the ladder
 
 
 def rows(paths):
@@ -44,6 +50,33 @@ def render(paths, peak_tbps=3.0):
     return "\n".join(lines) + "\n"
 
 
+def step_rows(paths):
+    for path in paths:
+        for bench in json.loads(Path(path).read_text())["benchmarks"]:
+            info = bench["extra_info"]
+            if "phase" in info and "img_per_s" in info:
+                yield dict(info, median_ms=bench["stats"]["median"] * 1e3)
+
+
+def render_steps(paths):
+    """The training-step table, or "" when no record has one."""
+    def key(r):
+        return (r["device"], PHASE_ORDER.get(r["phase"], 9), r["phase"], r["preset"], RUNG_ORDER.get(r["rung"], 9),
+                r["rung"], r["sigma_sampling"])
+
+    table = sorted(step_rows(paths), key=key)
+    if not table:
+        return ""
+    lines = ["| device | phase | preset (res, batch) | rung | sigma sampling | median ms | img/s | useful img/s "
+             "| TFLOP/s | MFU % |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in table:
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}"
+        lines.append(f"| {r['device']} | {r['phase']} | {r['preset']} ({r['resolution']}x{r['resolution']}, "
+                     f"{r['batch']}) | {r['rung']} | {r['sigma_sampling']} | {r['median_ms']:.1f} "
+                     f"| {r['img_per_s']:.1f} | {r['useful_img_per_s']:.1f} | {r['tflops']:.3g} | {mfu} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="pytest-benchmark --benchmark-json files")
@@ -51,8 +84,13 @@ def main():
     parser.add_argument("--out", help="write the table here instead of stdout")
     args = parser.parse_args()
     table = render(args.paths, args.peak_tbps)
+    steps = render_steps(args.paths)
+    if steps:
+        table += "\n" + steps
     if args.out:
-        Path(args.out).write_text(table)
+        tmp = Path(args.out + ".tmp")  # then rename: no half-written table
+        tmp.write_text(table)
+        tmp.replace(args.out)
     else:
         print(table, end="")
 
