@@ -33,6 +33,7 @@ from triton.runtime import jit as triton_jit  # noqa: E402
 from dsd_fast.ops import dct as ops_dct  # noqa: E402
 from dsd_fast.ops import losses as ops_losses  # noqa: E402
 from dsd_fast.ops import noise as ops_noise  # noqa: E402
+from dsd_fast.training.loop import atomic_write_bytes  # noqa: E402
 
 for _ops in (ops_noise, ops_losses, ops_dct):
     _ops._kernels()  # import the kernels now, in JIT mode
@@ -209,13 +210,6 @@ def markdown(rows, arch):
     return "\n".join(lines) + "\n"
 
 
-def _write(path, text):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, choices=sorted(LIMITS), help="compute capability")
@@ -231,10 +225,11 @@ def main():
     info = dict(arch=args.arch, target=LIMITS[args.arch]["name"], triton=triton.__version__,
                 torch=torch.__version__, commit=git_commit(), sizes=args.sizes, channels=args.channels, batch=2)
     if args.json:
-        _write(args.json, json.dumps(dict(info=info, kernels=rows), indent=1) + "\n")
+        text = json.dumps(dict(info=info, kernels=rows), indent=1) + "\n"
+        atomic_write_bytes(args.json, lambda f: f.write(text.encode()))
     table = markdown(rows, args.arch)
     if args.md:
-        _write(args.md, table)
+        atomic_write_bytes(args.md, lambda f: f.write(table.encode()))
     else:
         print(table, end="")
     bad = [r for r in rows if not r["fits"]]

@@ -88,9 +88,9 @@ def main():
     if steps:
         table += "\n" + steps
     if args.out:
-        tmp = Path(args.out + ".tmp")  # then rename: no half-written table
-        tmp.write_text(table)
-        tmp.replace(args.out)
+        from dsd_fast.training.loop import atomic_write_bytes  # here: the table itself needs no torch
+
+        atomic_write_bytes(args.out, lambda f: f.write(table.encode()))
     else:
         print(table, end="")
 

@@ -68,3 +68,7 @@ def test_main_prints_both_tables(tmp_path, monkeypatch, capsys):
     render_table.main()
     out = capsys.readouterr().out
     assert out == render_table.render([path]) + "\n" + render_table.render_steps([path])
+    target = tmp_path / "table.md"
+    monkeypatch.setattr(sys, "argv", ["render_table.py", str(path), "--out", str(target)])
+    render_table.main()
+    assert target.read_text() == out and not (tmp_path / "table.md.tmp").exists()
