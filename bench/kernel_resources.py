@@ -2,15 +2,16 @@
 need not be present (default sm_90, the H100), and report each kernel's registers, spills and shared
 memory, and whether it fits the target (shared memory per block, registers per thread).
 
-No GPU is used: the public ops run on small CPU tensors with DSD_FAST_BACKEND=triton while the launchers
-are told they are on a GPU (block sizes, warps, dot precision, the SM count for reductions all as on
-CUDA); each launch compiles for the target with Triton's own argument specialisation instead of running.
+No GPU is used: the public ops run on CPU tensors (batches 512 and 8 by default) with DSD_FAST_BACKEND=triton while
+the launchers are told they are on a GPU (block sizes, warps, dot precision, the SM count for reductions all
+as on CUDA); each launch compiles for the target with Triton's own argument specialisation instead of running.
 Outputs are never computed, so this checks compilation and resources only; numbers come from bench/.
 
     python bench/kernel_resources.py [--arch 90] [--sizes 32 64 128] [--json out.json] [--md out.md]
 """
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -166,18 +167,17 @@ def _cases(shape, dtype):
 
 
 def collect(arch=90, sizes=(32, 64, 128), channels=(1, 3), dtypes=(torch.float32, torch.bfloat16), ops=None,
-            processes=1):
-    """Compile every launch of the ops at B=2 x C x H x H; a list of records (one per distinct compile)."""
+            processes=1, batches=(512, 8)):
+    """Compile every launch of the ops on B x C x H x H images for B in batches; a list of records (one per
+    distinct compile). The batch matters: the reductions split small batches into chunks (a constexpr) that
+    a finalize kernel sums, while at 512 one program per sample finishes the sum itself."""
     recorder = Recorder(arch)
     _install(recorder)
-    for size in sizes:
-        for C in channels:
-            for dtype in dtypes:
-                for op, thunk in _cases((2, C, size, size), dtype):
-                    if ops is not None and op not in ops:
-                        continue
-                    recorder.op = f"{op} {C}x{size}^2"
-                    thunk()
+    for B, size, C, dtype in itertools.product(batches, sizes, channels, dtypes):
+        for op, thunk in _cases((B, C, size, size), dtype):
+            if ops is None or op in ops:
+                recorder.op = f"{op} {B}x{C}x{size}^2"
+                thunk()
     recorder.compile_all(processes)
     limits = LIMITS[arch]
     rows = []
@@ -217,13 +217,17 @@ def main():
     parser.add_argument("--channels", type=int, nargs="+", default=[1, 3], help="channels C")
     parser.add_argument("--ops", nargs="+", help="only these ops (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
+    parser.add_argument("--batches", type=int, nargs="+", default=[512, 8],
+                        help="images per launch (the reductions' layout follows it)")
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--md", help="write the markdown table here (default: stdout)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = collect(args.arch, tuple(args.sizes), tuple(args.channels), ops=args.ops, processes=args.jobs)
+    rows = collect(args.arch, tuple(args.sizes), tuple(args.channels), ops=args.ops, processes=args.jobs,
+                   batches=tuple(args.batches))
     info = dict(arch=args.arch, target=LIMITS[args.arch]["name"], triton=triton.__version__,
-                torch=torch.__version__, commit=git_commit(), sizes=args.sizes, channels=args.channels, batch=2)
+                torch=torch.__version__, commit=git_commit(), sizes=args.sizes, channels=args.channels,
+                batches=args.batches)
     if args.json:
         text = json.dumps(dict(info=info, kernels=rows), indent=1) + "\n"
         atomic_write_bytes(args.json, lambda f: f.write(text.encode()))

@@ -1,5 +1,6 @@
 """Every Triton kernel compiles for sm_90 (the H100) at the launch configurations the ops choose for the
-training shapes (32^2 and 64^2, 3 channels, float32 and bfloat16), and fits the H100's shared memory per
+training shapes (32^2 and 64^2, 3 channels, float32 and bfloat16, batch 512 and a small batch 8 whose
+reductions are chunked), and fits the H100's shared memory per
 block: compile only (bench/kernel_resources.py), no GPU. The interpreter tests check the kernels' math;
 this checks what the interpreter cannot (dot shapes and precisions, shared memory, registers)."""
 
