@@ -57,8 +57,12 @@ def sigma_truncated_lognormal(u, sigma, P_mean=P_MEAN, P_std=P_STD):
     s = (P_mean + P_std * math.sqrt(2.0) * torch.erfinv(2 * v - 1)).exp()
     s = s.to(u.dtype if u.is_floating_point() else torch.get_default_dtype())
     # Rounding at the boundary may land exactly on sigma; nudge to the next float above it.
-    floor = torch.full_like(s, sigma)
-    return torch.maximum(s, floor.nextafter(torch.full_like(s, math.inf)))
+    return above(s, sigma)
+
+
+def above(s, sigma):
+    """s raised to at least the next float above sigma in s's own dtype (sigma_t > sigma, as inject needs)."""
+    return torch.maximum(s, torch.full_like(s, sigma).nextafter(torch.full_like(s, math.inf)))
 
 
 def sigma_clamp(u, sigma, P_mean=P_MEAN, P_std=P_STD):

@@ -10,7 +10,7 @@ import os
 import torch
 
 from ..networks import build_network
-from ..reference.edm import sigma_clamp, sigma_truncated_lognormal
+from ..reference.edm import above, sigma_clamp, sigma_truncated_lognormal
 from ..sampling import ambient_sample, dct_ode_sample
 from .ema import EMA, ema_beta
 from .loop import autocast, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
@@ -24,9 +24,7 @@ def sample_sigma_t(options, key, n, device, start=0, dtype=torch.float32):
     if options.sigma_sampling == "clamp":
         # sigma_t = sigma exactly gives a zero-variance injection; inject needs sigma_t > sigma. The floor is the
         # next float above sigma in the sample's own dtype: float64's nextafter would round back to sigma in fp32.
-        s = sigma_clamp(u, options.sigma)
-        floor = torch.full_like(s, options.sigma)
-        return torch.maximum(s, floor.nextafter(torch.full_like(s, math.inf)))
+        return above(sigma_clamp(u, options.sigma), options.sigma)
     return sigma_truncated_lognormal(u, options.sigma)
 
 
