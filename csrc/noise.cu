@@ -28,7 +28,8 @@ __global__ void add_noise_kernel(const T* __restrict__ y, const float* __restric
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = i / chw;
     const float s = sigma_t[b];
-    const float k = sqrtf(fmaxf(s * s - sigma * sigma, 0.0f));
+    // (s - sigma)(s + sigma): no cancellation near sigma (as reference.edm.added_variance).
+    const float k = sqrtf(fmaxf((s - sigma) * (s + sigma), 0.0f));
     x_t[i] = static_cast<T>(static_cast<float>(y[i]) + k * philox_randn(seed, offset + static_cast<uint64_t>(i)));
   }
 }

@@ -16,7 +16,7 @@ import torch
 from dsd_fast import functional
 from dsd_fast.ops import dct as _ops_dct
 from dsd_fast.reference.dct import blur_eigenvalues, dct2, dct_blur, idct2
-from dsd_fast.reference.edm import edm_weight
+from dsd_fast.reference.edm import added_variance, blur_excess, edm_weight
 from dsd_fast.reference.losses import ambient_prediction
 
 SCHEDULES = ("fixed", "linear")
@@ -118,8 +118,7 @@ class NoiseCorruption(Corruption):
         _check_images("y", y, ("eps", eps))
         s = _check_s(s, y)
         self._check_inject(s)
-        # (s - sigma)(s + sigma) rather than s^2 - sigma^2: no cancellation for s just above sigma.
-        return y + _col(((s - self.sigma) * (s + self.sigma)).sqrt()) * eps
+        return y + _col(added_variance(s, 1.0, self.sigma).sqrt()) * eps
 
     def adjusted_prediction(self, x0_hat, x_t, s):
         """y_hat = (1 - sigma^2/s^2) x0_hat + (sigma^2/s^2) x_t = E[y | x_t] when x0_hat = E[x0 | x_t]."""
@@ -176,8 +175,9 @@ class BlurNoiseCorruption(Corruption):
         return self.Psi(s) * torch.exp(0.5 * blur_eigenvalues(H, W, s.dtype, s.device) * self.b(s) ** 2)
 
     def _r(self, s, H, W):
-        """r = Lambda_s/Lambda_n <= 1 as exp(-lambda (b(s)^2 - blur^2)/2): never divide by Lambda_n."""
-        return torch.exp(-0.5 * blur_eigenvalues(H, W, s.dtype, s.device) * (self.b(s) ** 2 - self.blur**2))
+        """r = Lambda_s/Lambda_n as exp(-lambda (b(s)^2 - blur^2)/2), never dividing by Lambda_n; r <= 1 by
+        construction (reference.edm.blur_excess), so rounding cannot make the injected variance negative."""
+        return torch.exp(-0.5 * blur_eigenvalues(H, W, s.dtype, s.device) * blur_excess(self.b(s), self.blur))
 
     def forward(self, x0, s, eps):
         """X_s = D^T (Lambda_s D x0 + s D eps) = A_s x0 + s eps (Psi_s = s is a scalar, D orthonormal)."""
@@ -193,8 +193,7 @@ class BlurNoiseCorruption(Corruption):
         if _ops_dct.can_fuse("dct_inject", y):
             return _ops_dct.dct_inject(y, eps, s, self.b(s).reshape(-1), self.sigma, self.blur)
         r = self._r(s, *y.shape[-2:])
-        q = ((_col(s) - r * self.sigma) * (_col(s) + r * self.sigma)).sqrt()
-        return idct2(r * dct2(y) + q * dct2(eps))
+        return idct2(r * dct2(y) + added_variance(_col(s), r, self.sigma).sqrt() * dct2(eps))
 
     def ambient_loss(self, x0_hat, x_t, y, s, weight=None):
         if not _ops_dct.can_fuse("dct_ambient_loss", x_t):
@@ -211,6 +210,6 @@ class BlurNoiseCorruption(Corruption):
         s = _check_s(s, x_t)
         H, W = x_t.shape[-2:]
         r = self._r(s, H, W)
-        rho = _col(self.sigma**2 / s**2)
+        rho = _col((self.sigma / s) ** 2)  # not sigma^2/s^2: s^2 may underflow where sigma/s does not
         Lambda_n = torch.exp(-0.5 * blur_eigenvalues(H, W, x_t.dtype, x_t.device) * self.blur**2)
         return idct2(rho * r * dct2(x_t) + Lambda_n * (1 - rho * r**2) * dct2(x0_hat))

@@ -123,7 +123,7 @@ def add_noise(y, sigma_t, sigma, *, seed, offset=0):
     if backend.choose("add_noise", y.device, _ops_noise.NOISE_SUPPORTED) != "reference":
         return _ops_noise.add_noise(y, sigma_t, sigma, seed, int(offset))
     eps = _philox.stream_normal(seed, int(offset), tuple(y.shape), dtype=y.dtype, device=y.device)
-    scale = (sigma_t**2 - sigma**2).sqrt().reshape(-1, 1, 1, 1)
+    scale = _edm.added_variance(sigma_t, 1.0, sigma).sqrt().reshape(-1, 1, 1, 1)
     return y + scale * eps
 
 

@@ -143,12 +143,15 @@ def dct_ode_sample(D, latents, process, num_steps=18, sigma_min=0.002, sigma_max
 
     def coefficients(s, side):
         # side -1: the interval below s (a step starting at s), +1: above s (a step ending at s).
+        # Float64, then cast: in bf16/fp16 s (1 +- 1e-6) would round back onto the kink, taking both sides'
+        # derivatives from one side.
         s_d = s * (1 + side * 1e-6) if s in kinks else s
-        ones = latents.new_ones(1)
-        Lambda = process.Lambda(latents.new_full((1,), s), H, W)
-        _, dLambda = torch.func.jvp(lambda u: process.Lambda(u, H, W), (latents.new_full((1,), s_d),), (ones,))
-        Psi, dPsi = torch.func.jvp(process.Psi, (latents.new_full((1,), s),), (ones,))
-        return Lambda, dLambda, dPsi / Psi
+        level = lambda v: torch.full((1,), v, dtype=torch.float64, device=latents.device)  # noqa: E731
+        ones = level(1.0)
+        Lambda = process.Lambda(level(s), H, W)
+        _, dLambda = torch.func.jvp(lambda u: process.Lambda(u, H, W), (level(s_d),), (ones,))
+        Psi, dPsi = torch.func.jvp(process.Psi, (level(s),), (ones,))
+        return tuple(c.to(latents.dtype) for c in (Lambda, dLambda, dPsi / Psi))
 
     coef = {(s, side): coefficients(s, side) for s in t_steps[:-1] for side in (-1, 1)}
 

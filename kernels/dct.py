@@ -87,9 +87,10 @@ def _inject_coeffs(s_ptr, bs_ptr, i, sigma, blur, H, W, BH: tl.constexpr, BW: tl
     s = tl.load(s_ptr + i).to(tl.float32)
     bs = tl.load(bs_ptr + i).to(tl.float32)
     lam = _lambda(H, W, BH, BW)
-    r = tl.exp(-0.5 * (bs * bs - blur * blur) * lam)
-    # (s - r sigma)(s + r sigma), not s^2 - (r sigma)^2: no cancellation for s just above sigma.
-    q2 = (s - r * sigma) * (s + r * sigma)
+    # As reference.edm.blur_excess / added_variance: (b_s - blur)(b_s + blur) and (s - r sigma)(s + r sigma)
+    # (no cancellation near s = sigma), each floored at 0 so rounding cannot give r > 1 or a negative q^2.
+    r = tl.exp(-0.5 * (tl.maximum(bs - blur, 0.0) * (bs + blur)) * lam)
+    q2 = tl.maximum((s - r * sigma) * (s + r * sigma), 0.0)
     return s, r, q2, lam
 
 

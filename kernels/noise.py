@@ -30,9 +30,10 @@ def corrupt_kernel(x_ptr, index_ptr, y_ptr, sigma, seed, CHW, BLOCK: tl.constexp
 
 @triton.jit
 def _noise_scale(sigma_t_ptr, b, sigma):
-    """q = sqrt(sigma_t^2 - sigma^2): the std of the noise that takes level sigma to sigma_t."""
+    """q = sqrt(sigma_t^2 - sigma^2): the std of the noise that takes level sigma to sigma_t, as
+    reference.edm.added_variance: (s - sigma)(s + sigma) (no cancellation near sigma) floored at 0."""
     s = tl.load(sigma_t_ptr + b).to(tl.float32)
-    return tl.sqrt_rn(s * s - sigma * sigma)
+    return tl.sqrt_rn(tl.maximum((s - sigma) * (s + sigma), 0.0))
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])

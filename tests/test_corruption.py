@@ -4,7 +4,6 @@ The dense reference builds every operator as a d x d matrix from kron(D_H, D_W) 
 formulas (not the module's), so the module is checked against the paper's math, not against itself."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -16,11 +15,6 @@ from dsd_fast.reference.philox import corrupt_noise
 
 F64 = torch.float64
 SCHEDULES = ["fixed", "linear"]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_seed():
-    torch.manual_seed(int.from_bytes(os.urandom(8), "little") % 2**63)
 
 
 def _uniform(lo, hi, n=()):

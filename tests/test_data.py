@@ -5,6 +5,7 @@ import gzip
 import io
 import os
 import pickle
+import random
 import struct
 import tarfile
 import zipfile
@@ -30,17 +31,12 @@ from dsd_fast.data import (
 from dsd_fast.reference.philox import corrupt_noise
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-
-
 def _images(n, c, h, w=None):
     return torch.randint(0, 256, (n, c, h, h if w is None else w), dtype=torch.uint8)
 
 
 def _seed_value():
-    return int.from_bytes(os.urandom(8), "little")
+    return random.getrandbits(64)
 
 
 def _write_pngs(folder, x, ext=".png"):
@@ -289,7 +285,7 @@ def test_bad_inputs(tmp_path):
         load_images(tmp_path / "ok", max_images=0)
     bad = tmp_path / "bad"
     _write_pngs(bad, x)
-    (bad / "zz.png").write_bytes(os.urandom(64))
+    (bad / "zz.png").write_bytes(random.randbytes(64))
     with pytest.raises(ValueError, match="cannot decode image file .*zz.png"):
         load_images(bad)
     truncated = tmp_path / "truncated"

@@ -5,6 +5,7 @@ that runs the real network on 24 small images (the Proximal FID sanity check).""
 
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -125,7 +126,7 @@ def test_ref_clean(cheap, run, tmp_path):
 def test_ref_corrupt_as_training(cheap, run, tmp_path, flags, corruption):
     """--corrupt: image i as a training run with that seed corrupts it, corruption.corrupt(x_i, seed, i)."""
     _, data = run
-    x, seed = data_images(data), int.from_bytes(os.urandom(3), "little")
+    x, seed = data_images(data), random.getrandbits(24)
     ok("fid", "ref", "--data", data, "--corrupt", *flags, "--seed", seed, "--out", tmp_path / "y.npz")
     expected = cheap_features(corrupt_one_by_one(x, corruption, seed))
     assert_stats(tmp_path / "y.npz", expected)
@@ -224,7 +225,7 @@ def test_fid_proximal(cheap, run, refs, tmp_path):
 def test_proximal_fid_halves_real_inception(tmp_path):
     """With the real FID InceptionV3: corrupted data against the stats of a disjoint half of the same corrupted
     data set scores far below clean data against them (measured here: about 100 vs 400 at 8 images each)."""
-    n, sigma, seed = 8, 0.2, int.from_bytes(os.urandom(3), "little")
+    n, sigma, seed = 8, 0.2, random.getrandbits(24)
     from runs import smooth_images
 
     x = smooth_images(2 * n)

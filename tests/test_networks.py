@@ -4,7 +4,6 @@ implementation, resampling vs EDM's filter convolutions, gradients, dropout, aut
 import dataclasses
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -12,13 +11,6 @@ import torch.nn.functional as F
 
 from dsd_fast.networks import PRESETS, EDMPrecond, NetworkConfig, SongUNet, UNetBlock, build_network
 from dsd_fast.networks.unet import Conv2d, PositionalEmbedding
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    print(f"torch seed {seed}")  # shown on failure, to reproduce
 
 
 def n_params(module):

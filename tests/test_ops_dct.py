@@ -18,10 +18,7 @@ triton = pytest.importorskip("triton")
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    print(f"torch seed {seed}")
+def _threads():
     # Tiny matmuls: a second BLAS thread only adds sync cost (40 ms per call on a loaded 2-core box).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -3,7 +3,7 @@ fsdp gives the per-step losses of the 1-process run with the same global batch (
 across the phase boundary), and rank 0 alone writes the run directory."""
 
 import json
-import os
+import random
 
 import numpy as np
 import pytest
@@ -38,7 +38,7 @@ def reference(tmp_path_factory):
     """The 1-process run: (data path, seed, per-step metrics, final checkpoint)."""
     path = tmp_path_factory.mktemp("par")
     np.savez(path / "data.npz", x=_images(7))  # 7 images: the batches cross epoch ends
-    seed = int.from_bytes(os.urandom(3), "little")
+    seed = random.getrandbits(24)
     o = Options(**COMMON, dataset=str(path / "data.npz"), seed=seed, batch_gpu=1, pretrain_kimg=PRETRAIN_KIMG,
                 distill_kimg=DISTILL_KIMG)
     metrics = []

@@ -5,6 +5,7 @@ phase boundary, the non-finite guard, and clear errors (nothing overwritten) on 
 import json
 import math
 import os
+import random
 import signal
 
 import numpy as np
@@ -27,13 +28,8 @@ CPU = torch.device("cpu")
 CONFIG = resolve_config("cpu-tiny")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_seed():
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-
-
 def _seed():
-    return int.from_bytes(os.urandom(3), "little")
+    return random.getrandbits(24)
 
 
 def _images(n, channels=3, resolution=32):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dsd_fast.ops import backend
+from dsd_fast.reference import edm as _edm
 from dsd_fast.reference import philox as _philox
 
 SUPPORTED = ("triton", "reference")  # the fused losses (dsd_fast.ops.losses) have Triton kernels only
@@ -65,7 +66,7 @@ def cuda_ext_check(ext, op, device):
     elif op == "add_noise":
         sigma_t, offset = torch.tensor([0.7, 2.0], device=device), 2**32 + 7
         got = ext.add_noise(x, sigma_t, sigma, seed, offset)
-        want = x + (sigma_t**2 - sigma**2).sqrt().view(-1, 1, 1, 1) * _philox.stream_normal(
+        want = x + _edm.added_variance(sigma_t, 1.0, sigma).sqrt().view(-1, 1, 1, 1) * _philox.stream_normal(
             seed, offset, tuple(x.shape), torch.float32, device)
     else:
         raise ValueError(f"op: expected corrupt or add_noise, got {op!r}")
@@ -186,7 +187,7 @@ def _add_noise(y: Tensor, sigma_t: Tensor, sigma: float, seed: int, offset: int)
     if which == "cuda_ext":
         return backend.cuda_ext().add_noise(y, sigma_t, sigma, seed % 2**64, offset)
     if which != "triton" or y.numel() == 0:
-        q = (sigma_t**2 - sigma**2).sqrt().reshape(-1, *([1] * (y.ndim - 1)))
+        q = _edm.added_variance(sigma_t, 1.0, sigma).sqrt().reshape(-1, *([1] * (y.ndim - 1)))
         return (y + q * _eps_stream(y, seed, offset).to(y.dtype)).contiguous()
     y2, chw = _rows(y)
     x_t = out_buffer(y2)
@@ -215,7 +216,7 @@ def _add_noise_backward(grad: Tensor, sigma_t: Tensor, sigma: float, seed: int, 
                                                           BLOCK=BLOCK, num_warps=NUM_WARPS)
         dot = partial.sum(1)
     s = sigma_t.to(dot.dtype)
-    return (s / (s**2 - sigma**2).sqrt() * dot).to(sigma_t.dtype)
+    return (s / _edm.added_variance(s, 1.0, sigma).sqrt() * dot).to(sigma_t.dtype)
 
 
 @_add_noise_backward.register_fake
