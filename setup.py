@@ -39,7 +39,8 @@ def cuda_extensions():
     if mode in ("0", "false", "no", "off"):
         return [], {}
     force = mode in ("1", "true", "yes", "on")
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[pu]*"))
+    # Translation units only: "*.c[pu]*" also matched the header philox.cuh, which nvcc refuses as a source.
+    sources = sorted(str(p.relative_to(ROOT)) for pattern in ("*.cu", "*.cpp") for p in (ROOT / "csrc").glob(pattern))
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension

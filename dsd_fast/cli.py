@@ -62,7 +62,10 @@ _RUN_OPTIONS = [
     _option("--compile/--no-compile", help="torch.compile the networks.  [no-compile]"),
     _option("--sigma-sampling", type=click.Choice(["truncated", "clamp"]), help="Ambient sigma_t.  [truncated]"),
     _option("--seed", type=click.IntRange(min=0), help="Seed of every random draw.  [0]"),
-    _option("--snapshot-kimg", type=_FLOAT, help="Checkpoint + grids every N kimg.  [500]"),
+    _option("--snapshot-kimg", type=_FLOAT, help="Network snapshot + last.pt + grids every N kimg.  [500]"),
+    _option("--state-kimg", type=_FLOAT, help="Also keep a full training-state copy every N kimg (0: last.pt "
+                                               "only).  [0]"),
+    _option("--keep", type=click.IntRange(min=1), help="Keep only the K newest state copies.  [all]"),
     _option("--log-every", type=click.IntRange(min=1), help="Steps per metrics.jsonl line.  [10]"),
     _option("--grid-images", type=click.IntRange(min=0), help="Images per PNG grid.  [64]"),
     _option("--sample-steps", type=click.IntRange(min=1), help="Sampler steps of the teacher grid.  [18]"),
@@ -73,8 +76,8 @@ _RUN_OPTIONS = [
     _option("--fid-every-kimg", type=_FLOAT, help="Proximal FID every N kimg; best.ckpt by it (0: off).  [0]"),
     _option("--fid-images", type=click.IntRange(min=2), help="Generated images per Proximal FID.  [10000]"),
     _option("--fid-ref-images", type=click.IntRange(min=2), help="Corrupted data images in its reference.  [all]"),
-    _option("--fid-mode", type=click.Choice(["gpu", "clean"]), help="Inception resize: on the device, or "
-                                                                    "clean-fid's PIL bicubic.  [gpu]"),
+    _option("--fid-mode", type=click.Choice(["edm", "clean", "gpu"]),
+            help="FID feature mode: edm (EDM's pipeline), clean (clean-fid's PIL bicubic) or gpu.  [edm]"),
     _option("--fid-batch", type=click.IntRange(min=1), help="Images per Proximal FID batch.  [256]"),
     click.option("--outdir", metavar="DIR", help="New run directory."),
     click.option("--resume", metavar="RUN_DIR", help="Continue this run directory exactly."),
@@ -85,7 +88,7 @@ _PRETRAIN_OPTIONS = [
     _option("--ema-halflife-kimg", type=_FLOAT, help="EMA half-life.  [500]"),
 ]
 _DISTILL_OPTIONS = [
-    _option("--teacher", metavar="CKPT", help="Phase I checkpoint (its EMA is the teacher)."),
+    _option("--teacher", metavar="CKPT", help="Phase I checkpoint or network snapshot (its EMA is the teacher)."),
     _option("--loss", type=click.Choice(["sid", "dmd", "sds"]), help="Generator loss.  [sid]"),
     _option("--alpha", type=_FLOAT, help="SiD alpha.  [per preset]"),
     _option("--g-lr", type=_FLOAT, help="Generator and fake-score learning rate.  [per preset]"),

@@ -112,33 +112,41 @@ def sampler_features_with_proximal(sampler, seeds, features, *, batch=1024, prog
 
 
 # Keys that save_reference writes besides mu and sigma; stats files from elsewhere (clean-fid, EDM) have none.
-REFERENCE_MARKERS = ("corrupted", "num_images", "feature_dim", "resize_mode", "description")
+REFERENCE_MARKERS = ("corrupted", "num_images", "feature_dim", "resize_mode", "resolution", "description")
 
 
-def save_reference(path, feats, *, corrupted, resize_mode, description=""):
+def save_reference(path, feats, *, corrupted, resize_mode, resolution=None, description=""):
     """Reference stats of data features [N, D] as an .npz, atomically: mu and sigma (float64, what clean-fid and
-    EDM read) plus the REFERENCE_MARKERS, so a clean-data file cannot silently serve as a corrupted-data
-    (Proximal FID) reference or the other way round."""
+    EDM read) plus the REFERENCE_MARKERS (the feature mode and the images' resolution among them), so a
+    clean-data file cannot silently serve as a corrupted-data (Proximal FID) reference or the other way round,
+    nor a file of one feature mode score features of another. resolution None: not recorded."""
     from .training.loop import atomic_write_bytes  # here: training imports this module (in-loop selection)
 
     mu, sigma = feature_stats(feats)
     markers = dict(corrupted=bool(corrupted), num_images=int(feats.shape[0]), feature_dim=int(feats.shape[1]),
                    resize_mode=str(resize_mode), description=str(description))
+    if resolution is not None:
+        markers["resolution"] = int(resolution)
     atomic_write_bytes(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **markers))
 
 
-def load_reference(path, *, corrupted, name="ref"):
+def load_reference(path, *, corrupted=None, mode=None, name="ref"):
     """(mu, sigma, markers) of a stats file serving as the clean-data (corrupted=False) or corrupted-data
-    (corrupted=True) reference. markers: the REFERENCE_MARKERS the file has (none for clean-fid or EDM files,
-    which cannot be checked). ValueError / FileNotFoundError naming `name`, also when the file's 'corrupted'
-    marker contradicts the use."""
+    (corrupted=True) reference, for features of feature mode `mode`. markers: the REFERENCE_MARKERS the file has
+    (none for clean-fid or EDM files, which cannot be checked: their mode is taken to be `mode`, and
+    markers['resize_mode'] stays absent so callers can say so). ValueError / FileNotFoundError naming `name`,
+    also when the file's 'corrupted' or 'resize_mode' marker contradicts the use (None: not checked)."""
     try:
         mu, sigma = load_stats(path)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"{name}: {str(e).removeprefix('path: ')}") from e
     with np.load(path, allow_pickle=False) as z:
         markers = {k: z[k].item() for k in REFERENCE_MARKERS if k in z.files}
-    if markers.get("corrupted", corrupted) != corrupted:
+    if mode is not None and markers.get("resize_mode", mode) != mode:
+        raise ValueError(f"{name}: {os.fspath(path)!r} holds stats of feature mode {markers['resize_mode']!r}, but "
+                         f"these features use mode {mode!r}; FIDs of different modes are not comparable (pass "
+                         f"--mode {markers['resize_mode']}, or recompute the stats with --mode {mode})")
+    if corrupted is not None and markers.get("corrupted", corrupted) != corrupted:
         kind = ("clean", "corrupted")
         raise ValueError(f"{name}: expected {kind[corrupted]}-data stats (FID compares with clean data, Proximal "
                          f"FID with corrupted data), but {os.fspath(path)!r} holds {kind[not corrupted]}-data "

@@ -116,11 +116,12 @@ class Sampler:
 
 
 def load_sampler(ckpt, sampler=None, steps=18, device="cpu", precision="fp32"):
-    """Sampler from a checkpoint file (or a run directory: its last.pt). sampler None: 'one-step' for a Phase II
-    checkpoint, the corruption's first teacher sampler for a Phase I one. A Phase II checkpoint serves both the
-    student (one-step) and its teacher (any teacher sampler)."""
+    """Sampler from a checkpoint file (or a run directory: its last.pt): a full training state or a network
+    snapshot (<phase>-<kimg>kimg.pt, best.ckpt). sampler None: 'one-step' for a Phase II checkpoint, the
+    corruption's first teacher sampler for a Phase I one. A Phase II full state serves both the student (one-step)
+    and its teacher (any teacher sampler); a Phase II network snapshot holds the student only."""
     from .training import Options
-    from .training.loop import load_checkpoint
+    from .training.loop import is_network_snapshot, load_checkpoint
 
     if isinstance(ckpt, (str, os.PathLike)) and os.path.isdir(ckpt):
         ckpt = os.path.join(ckpt, "last.pt")
@@ -131,16 +132,19 @@ def load_sampler(ckpt, sampler=None, steps=18, device="cpu", precision="fp32"):
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
     state = load_checkpoint(ckpt)
-    phase = state.get("phase") if isinstance(state, dict) else None
+    phase = state.get("phase")
     if phase not in ("pretrain", "distill") or "options" not in state or "net_config" not in state:
         raise ValueError(f"ckpt: {os.fspath(ckpt)!r} is not a dsd-fast training checkpoint")
     options = Options.from_dict(state["options"])
-    teacher_samplers = TEACHER_SAMPLERS[options.corruption]
+    snapshot = is_network_snapshot(state)
+    teacher_samplers = () if snapshot and phase == "distill" else TEACHER_SAMPLERS[options.corruption]
     allowed = (("one-step",) if phase == "distill" else ()) + teacher_samplers
     sampler = allowed[0] if sampler is None else sampler
     if sampler not in allowed:
         what = f"a {'Phase II' if phase == 'distill' else 'Phase I'} checkpoint of a '{options.corruption}' run"
-        raise ValueError(f"sampler: expected one of {allowed} for {what}, got {sampler!r}")
+        hint = (" (a network snapshot: it holds the student only; sample the teacher from the run's last.pt or its "
+                "Phase I snapshot)" if not teacher_samplers else "")
+        raise ValueError(f"sampler: expected one of {allowed} for {what}, got {sampler!r}{hint}")
     config = NetworkConfig(**state["net_config"])
     net = build_network(config)
     weights = state["G_ema"] if sampler == "one-step" else state["teacher" if phase == "distill" else "ema"]

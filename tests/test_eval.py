@@ -179,8 +179,8 @@ def test_eval_noisy_data(noise_run, tmp_path):
     assert all(row["fid"] is None for row in result["rows"]) and md.count(NO_CLEAN) == 4
     assert result["floors"]["fid"] is None and result["floors"]["proximal_fid"] is not None
 
-    save_reference(tmp_path / "clean.npz", cheap_features(x[:8]), corrupted=False, resize_mode="gpu")
-    save_reference(tmp_path / "noisy.npz", cheap_features(x[2:]), corrupted=True, resize_mode="gpu")
+    save_reference(tmp_path / "clean.npz", cheap_features(x[:8]), corrupted=False, resize_mode="edm")
+    save_reference(tmp_path / "noisy.npz", cheap_features(x[2:]), corrupted=True, resize_mode="edm")
     _, result, md = run_eval(run_dir, "--ref", tmp_path / "clean.npz", "--proximal-ref", tmp_path / "noisy.npz")
     expected = expected_numbers(samples, corruption, feature_stats(cheap_features(x[:8])),
                                 feature_stats(cheap_features(x[2:])))
@@ -197,8 +197,8 @@ def test_eval_bad_input(noise_run, tmp_path):
     run_dir = copy_run(noise_run, tmp_path / "copy")
     teacher_only = copy_run(noise_run, tmp_path / "phase1", ckpt="pretrain-*.pt")
     x = torch.from_numpy(np.load(json.load(open(os.path.join(run_dir, "options.json")))["dataset"])["x"])
-    save_reference(tmp_path / "clean.npz", cheap_features(x), corrupted=False, resize_mode="gpu")
-    save_reference(tmp_path / "corrupted.npz", cheap_features(x), corrupted=True, resize_mode="gpu")
+    save_reference(tmp_path / "clean.npz", cheap_features(x), corrupted=False, resize_mode="edm")
+    save_reference(tmp_path / "corrupted.npz", cheap_features(x), corrupted=True, resize_mode="edm")
     np.savez(tmp_path / "small.npz", mu=np.zeros(5), sigma=np.eye(5))
     cases = [
         (teacher_only, [], "run_dir: eval needs a Phase II checkpoint .* of phase 'pretrain'"),

@@ -112,7 +112,7 @@ def test_ref_clean(cheap, run, tmp_path):
     assert_stats(tmp_path / "clean.npz", cheap_features(x))
     m = markers(tmp_path / "clean.npz")
     assert m["corrupted"] is False and m["num_images"] == N_DATA and m["feature_dim"] == 18
-    assert m["resize_mode"] == "gpu"
+    assert m["resize_mode"] == "edm" and m["resolution"] == 32
     ok("fid", "ref", "--data", data, "--max-images", 5, "--mode", "clean", "--out", tmp_path / "five.npz")
     assert_stats(tmp_path / "five.npz", cheap_features(x[:5]))
     m = markers(tmp_path / "five.npz")
@@ -159,9 +159,9 @@ def refs(run, tmp_path_factory):
     run_dir, data = run
     options = json.load(open(os.path.join(run_dir, "options.json")))
     x, path = data_images(data), tmp_path_factory.mktemp("refs")
-    save_reference(path / "clean.npz", cheap_features(x), corrupted=False, resize_mode="gpu")
+    save_reference(path / "clean.npz", cheap_features(x), corrupted=False, resize_mode="edm")
     y = corrupt_one_by_one(x, NoiseCorruption(options["sigma"]), options["seed"])
-    save_reference(path / "prox.npz", cheap_features(y), corrupted=True, resize_mode="gpu")
+    save_reference(path / "prox.npz", cheap_features(y), corrupted=True, resize_mode="edm")
     return path / "clean.npz", path / "prox.npz"
 
 
@@ -217,9 +217,11 @@ def test_fid_proximal(cheap, run, refs, tmp_path):
     foreign = tmp_path / "foreign.npz"  # clean-fid / EDM files: only mu and sigma, accepted for either use
     np.savez(foreign, **dict(zip(("mu", "sigma"), load_stats(prox), strict=True)))
     for flags in ((), ("--proximal",)):
-        assert "Warning" not in ok("fid", "--ckpt", run_dir, "--ref", foreign, *flags, "--num", 2, "--repeats", 1)
-    out = ok("fid", "--ckpt", run_dir, "--ref", prox, "--proximal", "--mode", "clean", "--num", 2, "--repeats", 1)
-    assert "Warning: " in out and "--mode gpu" in out  # the stats' resize mode differs
+        out = ok("fid", "--ckpt", run_dir, "--ref", foreign, *flags, "--mode", "clean", "--num", 2, "--repeats", 1)
+        assert "mode clean, assumed for the reference: it records no mode" in out
+    r = invoke("fid", "--ckpt", run_dir, "--ref", prox, "--proximal", "--mode", "clean", "--num", 2, "--repeats", 1)
+    assert r.exit_code == 1  # the stats' feature mode differs: an error naming both modes and the file
+    assert "feature mode 'edm'" in r.output and "mode 'clean'" in r.output and str(prox) in r.output
 
 
 def test_proximal_fid_halves_real_inception(tmp_path):
@@ -288,7 +290,7 @@ def test_fid_bad_input(cheap, run, refs, tmp_path):
     r = invoke("fid", "--ckpt", tmp_path / "nothing.pt", "--ref", clean, "--num", 2)
     assert r.exit_code == 1 and "ckpt: checkpoint" in r.output
     r = invoke("fid", "--ref", clean)
-    assert r.exit_code == 2 and "pass --ckpt and --ref" in r.output
+    assert r.exit_code == 2 and "pass one of --ckpt or --images with --ref" in r.output
 
 
 def test_ref_bad_input(cheap, run, tmp_path):

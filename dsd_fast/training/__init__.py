@@ -1,14 +1,14 @@
 """DSD training: Phase I (ambient pretraining), Phase II (score distillation), or both in one run directory."""
 
 from ..networks import resolve_config
-from .loop import RunDir, TrainingError, load_checkpoint, run_phase, steps_for
-from .options import Options
+from .loop import RunDir, TrainingError, describe_disk_use, disk_use, load_checkpoint, run_phase, steps_for
+from .options import PHASE_ORDER, Options
 from .parallel import launch
 from .phase1 import Pretrain
 from .phase2 import Distill, check_teacher
 from .selection import ProximalFID
 
-PHASES = ("pretrain", "distill")
+PHASES = PHASE_ORDER
 
 __all__ = ["Distill", "Options", "PHASES", "Pretrain", "RunDir", "TrainingError", "load_data", "train"]
 
@@ -83,8 +83,11 @@ def _train(options, phases, outdir, resume, data, on_step, progress, par, run, s
     if resume is None:
         run.create(options)
     else:
+        run.remove_partial()
         run.update_options(options)
         run.truncate_metrics(PHASES, state["phase"], state["step"])
+    if progress and run.writer:
+        print(describe_disk_use(disk_use(options, config, phases), run.path), flush=True)
     start = phases.index(state["phase"]) if state is not None else 0
     for name in phases[start:]:
         resuming = state is not None and state["phase"] == name

@@ -1,6 +1,15 @@
 """Loop machinery shared by both phases: keyed randomness, run directory (options.json, metrics.jsonl, atomic
 checkpoints), the step loop with progress bar, snapshots, non-finite guard and Ctrl-C handling.
 
+Files (EDM's split): every options.snapshot_kimg a small network snapshot <phase>-<kimg>kimg.pt (the EMA network
+and the options that sample it: what generate / fid / eval / --teacher need) and the full training state in
+last.pt, replaced in place; every options.state_kimg a kept copy <phase>-<kimg>kimg-state.pt, of which the
+options.keep newest survive. Every file but metrics.jsonl (appended to, line by line) is written to <name>.tmp and
+renamed, so a crash (kill -9, a full disk) never leaves a half-written file under a final name; resume deletes
+leftover *.tmp files and a torn last metrics line. Checkpoints hold only
+tensors and plain containers and are read with torch.load(weights_only=True): a file that needs unpickling is
+refused, never executed.
+
 Resume is exact because every random draw of step k is a pure function of (seed, purpose, k) and the global
 sample position: data order (GPUData.batch(step)), sigma_t uniforms and noise (Philox streams under a derived
 key, rank r of world_size reading them from sample r * batch / world_size on), so a draw does not depend on the
@@ -10,11 +19,14 @@ counter. With several processes only rank 0 writes files and shows the progress 
 """
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
 import os
+import pickle
 import resource
+import shutil
 import signal
 import threading
 import time
@@ -22,11 +34,15 @@ import time
 import torch
 from tqdm import tqdm
 
+from ..networks import build_network
 from ..reference.philox import rand, stream_normal
 from .grids import save_grid
-from .options import FID_METRIC, RESUMABLE, Options
+from .options import FID_METRIC, PHASE_ORDER, RESUMABLE, Options
 
 FID_REFERENCE = "fid-ref-proximal.npz"  # selection.py's reference stats, cached at the run's first measurement
+NETWORK = "network"  # the `contents` of a network snapshot; a full training state has contents "state"
+STATE_SUFFIX = "kimg-state.pt"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
 
 
 class TrainingError(RuntimeError):
@@ -83,18 +99,69 @@ def steps_for(kimg, batch):
     return math.ceil(round(kimg * 1000, 6) / batch)
 
 
+class _RecordingFile:
+    """A binary file that remembers the OSError of a failed write: torch.save reports one (ENOSPC) as an
+    unrelated RuntimeError ('unexpected pos ...'), and the user must hear the real cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):  # seek, tell, ... for writers such as np.savez's zip file
+        return getattr(self.f, name)
+
+
 def atomic_write_bytes(path, write):
+    """write(f) into path.tmp, fsync, then rename it to path: path is either its previous file or the complete
+    new one. On failure (a full disk) path.tmp is removed and OSError says which file could not be written."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as raw:
+            f = _RecordingFile(raw)
+            try:
+                write(f)
+            except Exception as e:
+                if f.error is None or f.error is e:
+                    raise
+                raise f.error from None  # torch's RuntimeError only restates it
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            kept = "its previous version is unchanged" if os.path.exists(path) else "nothing was written"
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e} ({kept})") from e
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(path):
+    """Make a rename durable (a power cut, not just a killed process); some file systems cannot, which is harmless."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def kimg_name(phase, step, batch, suffix="kimg.pt"):
+    """<phase>-<kimg>kimg.pt (a network snapshot) or, with STATE_SUFFIX, a kept state copy."""
+    return f"{phase}-{step * batch / 1000:010.3f}{suffix}"
 
 
 class RunDir:
-    """The run directory: options.json, metrics.jsonl, last.pt, <phase>-<kimg>.pt snapshots, PNG grids (and, with
-    in-loop selection, best.ckpt, best.json and FID_REFERENCE: selection.py).
+    """The run directory: options.json, metrics.jsonl, last.pt (the full state), <phase>-<kimg>kimg.pt network
+    snapshots, <phase>-<kimg>kimg-state.pt state copies, PNG grids (and, with in-loop selection, best.ckpt,
+    best.json and FID_REFERENCE: selection.py).
     Only a writer (rank 0) writes; on other ranks the writing methods do nothing."""
 
     def __init__(self, path, writer=True):
@@ -125,7 +192,18 @@ class RunDir:
             raise ValueError(f"resume: {run.path} has no checkpoint last.pt to resume from")
         with open(run.file("options.json")) as f:
             saved = Options.from_dict(json.load(f))
-        return run, saved, load_checkpoint(run.file("last.pt"))
+        state = load_checkpoint(run.file("last.pt"))
+        if is_network_snapshot(state):
+            raise ValueError(f"resume: {run.file('last.pt')} is a network snapshot, not a training state "
+                             f"(it holds no optimiser state to continue from)")
+        return run, saved, state
+
+    def remove_partial(self):
+        """Delete the *.tmp files a killed writer left behind (none is ever under a final name)."""
+        if self.writer:
+            for path in glob.glob(self.file("*.tmp")) + glob.glob(self.file(".*.tmp")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
 
     def check_resume(self, saved, options):
         """options may differ from the saved ones only in RESUMABLE fields (and in FID_METRIC ones while the run has
@@ -142,15 +220,25 @@ class RunDir:
             atomic_write_bytes(self.file("options.json"), lambda f: f.write(options.to_json().encode()))
 
     def truncate_metrics(self, phase_order, phase, step):
-        """Drop metric lines written after the checkpoint (phase, step) that is being resumed."""
+        """Drop metric lines written after the checkpoint (phase, step) that is being resumed, and a torn last
+        line (a process killed in the middle of appending it)."""
         path = self.file("metrics.jsonl")
         if not self.writer or not os.path.exists(path):
             return
         limit = (phase_order.index(phase), step)
         with open(path) as f:
-            lines = [line for line in f if line.strip()]
-        keep = [line for line in lines
-                if (phase_order.index(json.loads(line)["phase"]), json.loads(line)["step"]) <= limit]
+            lines = [line.strip() for line in f if line.strip()]
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(lines) - 1:
+                    break  # torn by a kill in the middle of the append
+                raise ValueError(f"resume: {path} line {i + 1} is not JSON ({e}); only the last line may be "
+                                 f"incomplete") from e
+            if (phase_order.index(record["phase"]), record["step"]) <= limit:
+                keep.append(line + "\n")
         atomic_write_bytes(path, lambda f: f.write("".join(keep).encode()))
 
     def log(self, record):
@@ -165,16 +253,130 @@ class RunDir:
             if self.writer:
                 atomic_write_bytes(self.file(name), lambda f: torch.save(state, f))
 
+    def state_copies(self, phase_order):
+        """Names of the kept state copies, oldest first (by phase, then kimg)."""
+        copies = []
+        for path in glob.glob(self.file(f"*-*{STATE_SUFFIX}")):
+            name = os.path.basename(path)
+            phase, _, kimg = name[:-len(STATE_SUFFIX)].partition("-")
+            with contextlib.suppress(ValueError):
+                copies.append((phase_order.index(phase), float(kimg), name))
+        return [name for *_, name in sorted(copies)]
+
+    def prune_states(self, keep, phase_order):
+        """Delete all but the `keep` newest state copies (keep None: all stay)."""
+        if self.writer and keep is not None:
+            for name in self.state_copies(phase_order)[:-keep]:
+                os.remove(self.file(name))
+
     def save_grid(self, x, name):
         if self.writer:
             save_grid(x, self.file(name))
 
 
 def load_checkpoint(path):
+    """A dsd_fast checkpoint (full state or network snapshot) as a dict, read with weights_only=True: tensors and
+    plain containers only. ValueError for anything else; a file that needs unpickling is refused, not executed."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ValueError(f"checkpoint: cannot read {path} ({type(e).__name__}: {e})") from e
+    if head != ZIP_MAGIC:
+        if head[:1] == b"\x80":  # pickle protocol >= 2: a bare pickle, or torch's legacy format
+            raise ValueError(_needs_pickle(path, "it is a pickle, not torch's zip format"))
+        raise ValueError(f"checkpoint: cannot read {path} (not a torch checkpoint: no zip header)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(_needs_pickle(path, str(e.__cause__ or e).strip().splitlines()[0])) from e
     except Exception as e:  # torch raises several types for a truncated or foreign file
         raise ValueError(f"checkpoint: cannot read {path} ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint: {path} is not a dsd_fast checkpoint (it holds a {type(state).__name__}, "
+                         f"expected a dict)")
+    return state
+
+
+def _needs_pickle(path, detail):
+    return (f"checkpoint: {path} is not a dsd_fast checkpoint: reading it needs unpickling Python objects, which can "
+            f"run arbitrary code, so it is refused ({detail}). dsd_fast checkpoints hold only tensors and plain "
+            f"containers and load with torch.load(weights_only=True)")
+
+
+def is_network_snapshot(state):
+    return state.get("contents") == NETWORK
+
+
+def network_snapshot(phase, key, weights):
+    """The small snapshot of a phase: its EMA network's weights under `key` ('ema' for Phase I, 'G_ema' for
+    Phase II, as in the full state) plus what rebuilds and samples it (options with the corruption, net_config)."""
+    o = phase.options
+    return dict(contents=NETWORK, phase=phase.name, step=phase.completed, kimg=phase.completed * o.batch / 1000,
+                options=o.to_dict(), net_config=vars(phase.config).copy(), **{key: weights})
+
+
+def _tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# torch.save's zip archive costs about this much per tensor beyond its data (zip headers, 64-byte alignment, the
+# pickled key and storage record); measured 340-370 bytes on the cpu-tiny network's 179 tensors (names ~40
+# characters), so the estimate below is within 1 % of the files there.
+_BYTES_PER_TENSOR = 360
+
+
+def disk_use(options, config, phases):
+    """Expected bytes in the run directory at the end of a run of `phases`: dict(snapshots, snapshot_bytes,
+    states, state_bytes (of each kept copy, oldest first), last_bytes, best_bytes, total)."""
+    with torch.device("meta"):  # shapes and dtypes only: no memory, even for the paper-scale presets
+        net = build_network(config).to(compute_dtype(options.precision))
+    params = list(net.parameters())
+    n_tensors = len(net.state_dict())
+    net_bytes = _tensor_bytes(net.state_dict().values()) + n_tensors * _BYTES_PER_TENSOR
+    # Adam: exp_avg and exp_avg_sq like each parameter, plus a float32 step count per parameter.
+    adam_bytes = 2 * _tensor_bytes(params) + len(params) * (4 + 3 * _BYTES_PER_TENSOR)
+    state_bytes = {"pretrain": 2 * net_bytes + adam_bytes, "distill": 4 * net_bytes + 2 * adam_bytes}
+    snapshots, states = 0, []
+    for name in PHASE_ORDER:
+        if name not in phases:
+            continue
+        total = steps_for(options.pretrain_kimg if name == "pretrain" else options.distill_kimg, options.batch)
+        every = max(1, steps_for(options.snapshot_kimg, options.batch))
+        snapshots += total // every + (total % every != 0)
+        if options.state_kimg:
+            states += [state_bytes[name]] * (total // max(1, steps_for(options.state_kimg, options.batch)))
+    if options.keep is not None:
+        states = states[len(states) - min(len(states), options.keep):]
+    last = state_bytes[phases[-1]]
+    best = net_bytes if options.fid_every_kimg else 0
+    return dict(snapshots=snapshots, snapshot_bytes=net_bytes, states=len(states), state_bytes=states,
+                last_bytes=last, best_bytes=best, total=snapshots * net_bytes + sum(states) + last + best)
+
+
+def _size(n):
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
+def describe_disk_use(use, path):
+    """One line for the start of a run: what its directory will hold, and the free space there."""
+    states = f" + {use['states']} state copies x {_size(use['state_bytes'][-1])}" if use["states"] else ""
+    best = f" + best.ckpt {_size(use['best_bytes'])}" if use["best_bytes"] else ""
+    text = (f"disk: {use['snapshots']} network snapshots x {_size(use['snapshot_bytes'])}{states} + last.pt "
+            f"{_size(use['last_bytes'])}{best} = {_size(use['total'])} expected in {path} (+ {_size(use['last_bytes'])}"
+            f" while last.pt is rewritten)")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):  # a new run's directory: the free space of the folder it will be made in
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    text += f"; {_size(free)} free"
+    if free < use["total"] + use["last_bytes"]:
+        text += " -- NOT ENOUGH: raise --snapshot-kimg, lower --keep or free space"
+    return text
 
 
 @contextlib.contextmanager
@@ -200,9 +402,10 @@ def deferred_sigint():
 
 def run_phase(phase, run, total_steps, *, on_step=None, progress=True, select=None):
     """Steps phase.completed..total_steps-1 of `phase`, an object with name, options, device, par (Parallel),
-    completed (steps done), nonfinite (count), step(k) -> (finite, metrics), state_dict(), snapshot(run); every
-    rank runs it (checkpoints and snapshots are collectives under FSDP), rank 0 writes. Returns "done" or
-    "interrupted" (Ctrl-C: last.pt is written at the last completed step; the caller exits 0).
+    completed (steps done), nonfinite (count), step(k) -> (finite, metrics), state_dict() (the full state),
+    network_state() (the small snapshot: network_snapshot), snapshot(run) (grids); every rank runs it (checkpoints
+    and snapshots are collectives under FSDP), rank 0 writes. Returns "done" or "interrupted" (Ctrl-C: last.pt is
+    written at the last completed step; the caller exits 0).
     on_step(k, metrics) is called after each step (tests raise KeyboardInterrupt from it).
     select: a selection.ProximalFID, called as select(phase, run) every options.fid_every_kimg and at the end."""
     bar = tqdm(total=total_steps, initial=phase.completed, desc=phase.name, unit="step",
@@ -222,9 +425,26 @@ def run_phase(phase, run, total_steps, *, on_step=None, progress=True, select=No
     return "interrupted"
 
 
+def save_checkpoints(phase, run, snapshot, keep_state):
+    """With snapshot the network snapshot and the grids, with keep_state a kept state copy (pruning old ones), then
+    the full state to last.pt. last.pt comes last: a run killed before it resumes from the previous last.pt and
+    rewrites this step's files, identical; killed after it, every file of this step is already there. Every rank
+    calls it (collectives under FSDP)."""
+    o, step = phase.options, phase.completed
+    if snapshot:
+        run.save_checkpoint(phase.network_state(), kimg_name(phase.name, step, o.batch))
+        phase.snapshot(run)
+    state = phase.state_dict()
+    if keep_state:
+        run.save_checkpoint(state, kimg_name(phase.name, step, o.batch, STATE_SUFFIX))
+        run.prune_states(o.keep, PHASE_ORDER)
+    run.save_checkpoint(state, "last.pt")
+
+
 def _steps(phase, run, total_steps, bar, on_step, interrupted, select):
     o, batch = phase.options, phase.options.batch
     snapshot_steps = max(1, steps_for(o.snapshot_kimg, batch))
+    state_steps = max(1, steps_for(o.state_kimg, batch)) if o.state_kimg else 0
     fid_steps = max(1, steps_for(o.fid_every_kimg, batch))
     postfix = {}
     bad_in_a_row = 0
@@ -250,10 +470,7 @@ def _steps(phase, run, total_steps, bar, on_step, interrupted, select):
                            loss=f"{metrics['loss']:.4g}")
             bar.set_postfix(postfix, refresh=False)
         bar.update(1)
-        if step % snapshot_steps == 0 or step == total_steps:
-            run.save_checkpoint(phase.state_dict(), "last.pt", f"{phase.name}-{step * batch / 1000:010.3f}kimg.pt")
-            phase.snapshot(run)
-            t_log = time.perf_counter()  # img/s measures training steps, not snapshots
+        # The measurement comes before last.pt, like every other output of this step (see save_checkpoints).
         if select is not None and (step % fid_steps == 0 or step == total_steps):
             fid = select(phase, run)
             postfix["pfid"] = f"{fid['proximal_fid']:.4g}"
@@ -263,5 +480,10 @@ def _steps(phase, run, total_steps, bar, on_step, interrupted, select):
                 tqdm.write(f"{phase.name}: Proximal FID {fid['proximal_fid']:.4g} at {fid['kimg']:.3f} kimg "
                            f"({fid['fid_images']} images, {fid['fid_s']:.1f} s){best}")
             t_log = time.perf_counter()
+        snapshot = step % snapshot_steps == 0 or step == total_steps
+        keep_state = bool(state_steps) and step % state_steps == 0
+        if snapshot or keep_state:
+            save_checkpoints(phase, run, snapshot, keep_state)
+            t_log = time.perf_counter()  # img/s measures training steps, not snapshots
         if on_step is not None:
             on_step(k, metrics)

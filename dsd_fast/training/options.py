@@ -9,6 +9,7 @@ from ..metrics.fid import RESIZE_MODES
 from ..networks import PRESETS
 from .parallel import PARALLELS
 
+PHASE_ORDER = ("pretrain", "distill")
 CORRUPTIONS = ("noise", "blur")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
 SIGMA_SAMPLINGS = ("truncated", "clamp")
@@ -30,8 +31,8 @@ PRESET_DEFAULTS = {
 # Fields a resumed run may change: how long it runs and how it reports, never what it computes.
 # The parallel mode (and the world size, which is not an option) changes only float rounding: checkpoints hold
 # full state dicts and every draw is keyed by global sample position.
-RESUMABLE = frozenset({"pretrain_kimg", "distill_kimg", "snapshot_kimg", "log_every", "device", "compile",
-                       "max_nonfinite", "parallel", "fid_every_kimg", "fid_batch"})
+RESUMABLE = frozenset({"pretrain_kimg", "distill_kimg", "snapshot_kimg", "state_kimg", "keep", "log_every", "device",
+                       "compile", "max_nonfinite", "parallel", "fid_every_kimg", "fid_batch"})
 # The in-loop selection metric (selection.py): resumable only until the run has measured it, since its cached
 # reference stats and best.json are in its terms.
 FID_METRIC = frozenset({"fid_images", "fid_ref_images", "fid_mode"})
@@ -58,7 +59,9 @@ class Options:
     precision: str = "fp32"
     compile: bool = False
     device: str | None = None
-    snapshot_kimg: float = 500.0
+    snapshot_kimg: float = 500.0  # network snapshot <phase>-<kimg>kimg.pt, last.pt and grids every N kimg
+    state_kimg: float = 0.0  # also a kept full-state copy <phase>-<kimg>kimg-state.pt every N kimg; 0: last.pt only
+    keep: int | None = None  # the newest kept state copies that survive; None: all
     log_every: int = 10  # steps between metrics.jsonl lines
     grid_images: int = 64
     sample_steps: int = 18
@@ -67,7 +70,7 @@ class Options:
     fid_every_kimg: float = 0.0  # 0: off
     fid_images: int = 10000  # generated images (seeds 0..fid_images-1) per measurement
     fid_ref_images: int | None = None  # corrupted data images in the reference stats; None: all
-    fid_mode: str = "gpu"  # Inception resize: gpu (on the device) or clean (clean-fid's PIL bicubic, CPU)
+    fid_mode: str = "edm"  # FID feature mode (metrics.fid): edm (EDM's pipeline), clean (clean-fid's), gpu
     fid_batch: int = 256  # images per generation / feature batch
     # Phase I (ambient-Tweedie pretraining).
     pretrain_kimg: float = 200000.0
@@ -125,6 +128,7 @@ class Options:
             number(name, strict=True)
         number("alpha", low=-math.inf)
         number("fid_every_kimg")
+        number("state_kimg")
         for name in ("batch", "batch_gpu", "log_every", "sample_steps", "max_nonfinite", "fid_batch"):
             integer(name)
         integer("grid_images", 0)
@@ -134,6 +138,8 @@ class Options:
         integer("seed", 0)
         if self.max_images is not None:
             integer("max_images")
+        if self.keep is not None:
+            integer("keep")
         if self.batch % self.batch_gpu:
             raise ValueError(f"batch_gpu: expected a divisor of batch={self.batch}, got {self.batch_gpu}")
         if self.corruption == "blur" and self.blur <= 0:

@@ -13,7 +13,7 @@ from ..networks import build_network
 from ..reference.edm import above, sigma_clamp, sigma_truncated_lognormal
 from ..sampling import ambient_sample, dct_ode_sample
 from .ema import EMA, ema_beta
-from .loop import autocast, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
+from .loop import autocast, compute_dtype, derive_seed, network_snapshot, normal, seed_dropout, set_precision, uniform
 from .parallel import Parallel
 
 
@@ -77,11 +77,17 @@ class Pretrain:
         self.nonfinite = 0
 
     def state_dict(self):
-        """The checkpoint: full (unsharded) tensors; a collective under FSDP, complete on rank 0."""
+        """The full training state (last.pt): unsharded tensors and plain containers; a collective under FSDP,
+        complete on rank 0."""
         par = self.par
-        return dict(phase=self.name, step=self.completed, nonfinite=self.nonfinite, net=par.state_dict(self.net),
+        return dict(contents="state", phase=self.name, step=self.completed, nonfinite=self.nonfinite,
+                    net=par.state_dict(self.net),
                     ema=par.state_dict(self.ema.net), opt=par.optim_state_dict(self.net, self.opt),
                     options=self.options.to_dict(), net_config=vars(self.config).copy())
+
+    def network_state(self):
+        """The network snapshot: the teacher EMA (what generate, fid and --teacher use); a collective under FSDP."""
+        return network_snapshot(self, "ema", self.par.state_dict(self.ema.net))
 
     def load_state_dict(self, state):
         self.par.load_state_dict(self.net, state["net"])

@@ -21,16 +21,16 @@ from ..networks import build_network
 from ..reference.edm import karras_sigma, karras_t
 from ..sampling import one_step
 from .ema import EMA, ema_beta
-from .loop import autocast, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
+from .loop import autocast, compute_dtype, derive_seed, network_snapshot, normal, seed_dropout, set_precision, uniform
 from .parallel import Parallel
 from .phase1 import accumulate, ambient_training_loss, grid_latents, sample_sigma_t, save_data_grid
 
 
 def check_teacher(state, config, source):
-    """state: a Phase I checkpoint (its EMA is the teacher). Raises ValueError unless it holds a network of
-    exactly config's architecture."""
+    """state: a Phase I checkpoint, full state or network snapshot (its EMA is the teacher). Raises ValueError
+    unless it holds a network of exactly config's architecture."""
     if not isinstance(state, dict) or state.get("phase") != "pretrain" or "ema" not in state:
-        raise ValueError(f"teacher: {source} is not a Phase I (pretrain) checkpoint")
+        raise ValueError(f"teacher: {source} is not a Phase I (pretrain) checkpoint or network snapshot")
     saved = state.get("net_config") or {}
     if saved != vars(config):
         diff = sorted(k for k in vars(config) if saved.get(k) != vars(config)[k])
@@ -72,13 +72,18 @@ class Distill:
         self.nonfinite = 0
 
     def state_dict(self):
-        """The checkpoint: full (unsharded) tensors; a collective under FSDP, complete on rank 0."""
+        """The full training state (last.pt): unsharded tensors and plain containers; a collective under FSDP,
+        complete on rank 0."""
         par = self.par
-        return dict(phase=self.name, step=self.completed, nonfinite=self.nonfinite,
+        return dict(contents="state", phase=self.name, step=self.completed, nonfinite=self.nonfinite,
                     teacher=self.teacher.state_dict(), fake=par.state_dict(self.fake), G=par.state_dict(self.G),
                     G_ema=par.state_dict(self.G_ema.net), fake_opt=par.optim_state_dict(self.fake, self.fake_opt),
                     G_opt=par.optim_state_dict(self.G, self.G_opt), options=self.options.to_dict(),
                     net_config=vars(self.config).copy())
+
+    def network_state(self):
+        """The network snapshot: the student EMA (what generate, fid and eval use); a collective under FSDP."""
+        return network_snapshot(self, "G_ema", self.par.state_dict(self.G_ema.net))
 
     def load_state_dict(self, state):
         par = self.par

@@ -10,8 +10,9 @@ noise, the DCT PF-ODE for blur, options.sample_steps); Phase II the student EMA 
 as `dsd-fast fid --proximal` measures a checkpoint, so best.ckpt reproduces its recorded value offline.
 
 Each measurement appends {phase, step, kimg, proximal_fid, fid_images, fid_s, best} to metrics.jsonl. Whenever
-it improves on the phase's best so far, best.ckpt (the phase's full state, as last.pt) and best.json (where and
-what) are rewritten atomically; a later phase's first measurement replaces an earlier phase's best.
+it improves on the phase's best so far, best.ckpt (the phase's network snapshot, as <phase>-<kimg>kimg.pt: what
+generate, fid and --teacher read) and best.json (where and what) are rewritten atomically; a later phase's first
+measurement replaces an earlier phase's best.
 
 Under torchrun every rank generates its share of the seeds and of the reference images; rank 0 computes the
 distance and broadcasts it, so every rank takes the same decisions (saving best.ckpt is a collective under FSDP).
@@ -112,7 +113,7 @@ class ProximalFID:
         best = self.best
         improved = par.any(par.main and (best is None or best["phase"] != phase.name or fid < best["proximal_fid"]))
         if improved:
-            run.save_checkpoint(phase.state_dict(), BEST_CKPT)  # a collective under FSDP: every rank calls it
+            run.save_checkpoint(phase.network_state(), BEST_CKPT)  # a collective under FSDP: every rank calls it
             if par.main:
                 self.best = dict(phase=phase.name, step=step, kimg=kimg, proximal_fid=fid, fid_images=o.fid_images,
                                  fid_ref_images=self.n_ref, fid_mode=o.fid_mode, ckpt=BEST_CKPT)
