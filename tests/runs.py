@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import torch
+from click.testing import CliRunner
 
+from dsd_fast.cli import main
 from dsd_fast.data import GPUData
 from dsd_fast.training import Options, train
 
@@ -43,3 +45,15 @@ def torchrun(*args):
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r.stdout
+
+
+def invoke(*args):
+    """`dsd-fast ARGS` in this process (arguments stringified)."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ok(*args):
+    """invoke(*args), asserting exit code 0; returns the output."""
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    return r.output

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
+from runs import invoke, ok
 
 import dsd_fast.commands.fid as fidcmd
 from dsd_fast.cli import main
@@ -68,16 +68,6 @@ def run(tmp_path_factory):
     path = tmp_path_factory.mktemp("fidcli")
     np.savez(path / "data.npz", x=smooth_images(N_DATA).numpy())
     return make_run(path / "run", dataset=str(path / "data.npz")), str(path / "data.npz")
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(*args):
-    r = invoke(*args)
-    assert r.exit_code == 0, r.output + repr(r.exception)
-    return r.output
 
 
 def data_images(path):

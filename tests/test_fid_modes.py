@@ -10,10 +10,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from runs import invoke, ok
 
 import dsd_fast.commands.fid as fidcmd
-from dsd_fast.cli import main
 from dsd_fast.evaluation import save_reference
 from dsd_fast.metrics import FIDInceptionV3, InceptionFeatures, frechet_distance, load_inception, load_stats
 from dsd_fast.metrics.fid import RESIZE_MODES
@@ -99,16 +98,6 @@ def cheap_features(images):
 @pytest.fixture
 def cheap(monkeypatch):
     monkeypatch.setattr(fidcmd, "feature_network", lambda *args, **kwargs: cheap_features)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(*args):
-    r = invoke(*args)
-    assert r.exit_code == 0, r.output + repr(r.exception)
-    return r.output
 
 
 def number(out):
