@@ -193,6 +193,32 @@ def dataset(source, data, dest, resolution, max_images, corrupt, corruption, sig
     click.echo(f"Wrote {path}")
 
 
+@main.command("estimate-sigma")
+@click.option("--dataset", required=True, metavar="NAME|PATH", help="The (noisy) data set: a name or a path.")
+@click.option("--data", default=None, metavar="PATH", help="Explicit path for a preset data set name.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Use the first N images.  [all]")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Patch subsampling seed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate and what it rests on as JSON.")
+def estimate_sigma(dataset, data, max_images, seed, as_json):
+    """Estimate the observation noise std sigma (in the [-1, 1] scale of --sigma) from the data set alone: PCA of
+    weak-texture patches (Chen, Zhu & Heng, ICCV 2015; Liu, Tanaka & Okutomi, TIP 2013)."""
+    import json
+
+    from .data import load_images, resolve_source
+    from .noise_level import estimate_noise
+
+    try:
+        source = resolve_source(dataset, data)
+        estimate = estimate_noise(load_images(source, max_images=max_images), seed=seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(dict(source=os.fspath(source), **estimate.as_dict())))
+    else:
+        click.echo(f"sigma = {estimate.sigma:.4f} (estimated from {os.fspath(source)}: {estimate.selected} "
+                   f"weak-texture {estimate.patch}x{estimate.patch} patches, {estimate.method})")
+
+
 def _register():
     from .commands import evaluate, fid, generate
 
