@@ -34,7 +34,7 @@ from triton.runtime import jit as triton_jit  # noqa: E402
 from dsd_fast.ops import dct as ops_dct  # noqa: E402
 from dsd_fast.ops import losses as ops_losses  # noqa: E402
 from dsd_fast.ops import noise as ops_noise  # noqa: E402
-from dsd_fast.training.loop import atomic_write_bytes  # noqa: E402
+from dsd_fast.rundir import atomic_write_bytes  # noqa: E402
 
 for _ops in (ops_noise, ops_losses, ops_dct):
     _ops._kernels()  # import the kernels now, in JIT mode

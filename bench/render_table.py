@@ -88,7 +88,7 @@ def main():
     if steps:
         table += "\n" + steps
     if args.out:
-        from dsd_fast.training.loop import atomic_write_bytes  # here: the table itself needs no torch
+        from dsd_fast.rundir import atomic_write_bytes  # here: the table itself needs no torch
 
         atomic_write_bytes(args.out, lambda f: f.write(table.encode()))
     else:

@@ -1,10 +1,26 @@
 """`dsd-fast` command line."""
 
+import dataclasses
+import json
 import os
 
 import click
+import torch
 
 from . import __version__
+from .commands import evaluate, fid, generate
+from .corruption import SCHEDULES as BLUR_SCHEDULES
+from .corruption import BlurNoiseCorruption, NoiseCorruption
+from .data import convert_dataset, resolve_source
+from .distributed import PARALLELS
+from .metrics.fid import RESIZE_MODES
+from .networks import PRESETS
+from .noise_level import estimate_dataset_noise
+from .ops import backend
+from .options import CORRUPTIONS, DISTILL_LOSSES, PRECISIONS, PRESET_DEFAULTS, SIGMA_SAMPLINGS, Options
+from .rundir import RunDir, load_checkpoint
+from .training import TrainingError
+from .training import train as run_training
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,14 +32,10 @@ def main():
 @main.command()
 def info():
     """Versions, devices and which op backends can run here."""
-    import torch
-
-    from .ops import backend
-
     click.echo(f"dsd-fast   {__version__}")
     click.echo(f"torch      {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     try:
-        import triton
+        import triton  # optional: the reference and CUDA backends need none of it
 
         click.echo(f"triton     {triton.__version__}")
     except ImportError:
@@ -36,65 +48,103 @@ def info():
     click.echo(f"selected   DSD_FAST_BACKEND={backend.requested()}")
 
 
-def _option(*decls, **kw):
-    """A click option whose default is None ("not given"): Options' own defaults apply, and a resumed run takes
-    every option that is not given from its options.json."""
-    return click.option(*decls, default=None, show_default=False, **kw)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Options)}
+_PER_PRESET = frozenset(PRESET_DEFAULTS[Options.preset])
+
+
+def _shown(field, decls, unset):
+    """The default a flag's help shows: Options' own (so help cannot drift from it), 'per preset' for the fields
+    PRESET_DEFAULTS fills in, the flag's own name for a boolean, or `unset` where the default is None."""
+    value = _DEFAULTS[field]
+    if field in _PER_PRESET:
+        return "per preset"
+    if isinstance(value, bool):
+        on, off = decls[0].split("/")
+        return (on if value else off).lstrip("-")
+    if value is None:
+        return unset
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _option(field, *decls, help, unset=None, **kw):
+    """A click option for Options.<field> whose default is None ("not given"): Options' own defaults apply, and a
+    resumed run takes every option that is not given from its options.json. Its help ends with that default."""
+    decls = decls or (f"--{field.replace('_', '-')}",)
+    shown = _shown(field, decls, unset)
+    text = f"{help}  [{shown}]" if shown is not None else help
+    return click.option(*decls, field, default=None, show_default=False, help=text, **kw)
+
+
+def _choice(choices):
+    return click.Choice(list(choices))
 
 
 _FLOAT = click.FLOAT
+AUTO = "auto"
+
+
+class _Sigma(click.ParamType):
+    """A float, or 'auto': estimated from the data set at the start of a new run."""
+
+    name = "FLOAT|auto"
+
+    def convert(self, value, param, ctx):
+        if value == AUTO:
+            return value
+        return _FLOAT.convert(value, param, ctx)
+
+
+_SIGMA = _Sigma()
 _RUN_OPTIONS = [
-    _option("--dataset", metavar="NAME|PATH", help="Data set: preset name ($DSD_FAST_DATA/<name>) or a path."),
-    _option("--data", metavar="PATH", help="Explicit path for a preset data set name."),
-    _option("--noisy-data/--clean-data", help="The data set is already corrupted: use it as-is.  [clean]"),
-    _option("--max-images", type=click.IntRange(min=1), help="Use only the first N images."),
-    _option("--xflip/--no-xflip", help="Random x-flips.  [xflip]"),
-    _option("--corruption", type=click.Choice(["noise", "blur"]), help="Observation model.  [noise]"),
-    _option("--sigma", type=_FLOAT, help="Observation noise std (images in [-1, 1]).  [0.2]"),
-    _option("--blur", type=_FLOAT, help="Blur std in pixels (--corruption blur)."),
-    _option("--blur-schedule", type=click.Choice(["fixed", "linear"]), help="Blur schedule of the process."),
-    _option("--preset", metavar="NAME", help="Network preset (cifar10, afhq, ffhq, celebahq, fashion-mnist, "
-                                              "cpu-tiny, cpu-fashion).  [cifar10]"),
-    _option("--batch", type=click.IntRange(min=1), help="Images per optimiser step.  [per preset]"),
-    _option("--batch-gpu", type=click.IntRange(min=1), help="Images per forward/backward round.  [--batch]"),
-    _option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp64"]),
-            help="Arithmetic (fp64: for verification runs).  [fp32]"),
-    _option("--compile/--no-compile", help="torch.compile the networks.  [no-compile]"),
-    _option("--sigma-sampling", type=click.Choice(["truncated", "clamp"]), help="Ambient sigma_t.  [truncated]"),
-    _option("--seed", type=click.IntRange(min=0), help="Seed of every random draw.  [0]"),
-    _option("--snapshot-kimg", type=_FLOAT, help="Network snapshot + last.pt + grids every N kimg.  [500]"),
-    _option("--state-kimg", type=_FLOAT, help="Also keep a full training-state copy every N kimg (0: last.pt "
-                                               "only).  [0]"),
-    _option("--keep", type=click.IntRange(min=1), help="Keep only the K newest state copies.  [all]"),
-    _option("--log-every", type=click.IntRange(min=1), help="Steps per metrics.jsonl line.  [10]"),
-    _option("--grid-images", type=click.IntRange(min=0), help="Images per PNG grid.  [64]"),
-    _option("--sample-steps", type=click.IntRange(min=1), help="Sampler steps of the teacher grid.  [18]"),
-    _option("--max-nonfinite", type=click.IntRange(min=1), help="Stop after N non-finite steps in a row.  [10]"),
-    _option("--device", help="torch device.  [cuda if available; cuda:LOCAL_RANK under torchrun]"),
-    _option("--parallel", type=click.Choice(["auto", "none", "ddp", "fsdp"]),
-            help="Under torchrun --nproc-per-node N: DDP or FSDP2 (auto: ddp with N > 1).  [auto]"),
-    _option("--fid-every-kimg", type=_FLOAT, help="Proximal FID every N kimg; best.ckpt by it (0: off).  [0]"),
-    _option("--fid-images", type=click.IntRange(min=2), help="Generated images per Proximal FID.  [10000]"),
-    _option("--fid-ref-images", type=click.IntRange(min=2), help="Corrupted data images in its reference.  [all]"),
-    _option("--fid-mode", type=click.Choice(["edm", "clean", "gpu"]),
-            help="FID feature mode: edm (EDM's pipeline), clean (clean-fid's PIL bicubic) or gpu.  [edm]"),
-    _option("--fid-batch", type=click.IntRange(min=1), help="Images per Proximal FID batch.  [256]"),
+    _option("dataset", metavar="NAME|PATH", help="Data set: preset name ($DSD_FAST_DATA/<name>) or a path."),
+    _option("data", metavar="PATH", help="Explicit path for a preset data set name."),
+    _option("noisy_data", "--noisy-data/--clean-data", help="The data set is already corrupted: use it as-is."),
+    _option("max_images", type=click.IntRange(min=1), help="Use only the first N images.", unset="all"),
+    _option("xflip", "--xflip/--no-xflip", help="Random x-flips."),
+    _option("corruption", type=_choice(CORRUPTIONS), help="Observation model."),
+    _option("sigma", type=_SIGMA, help="Observation noise std (images in [-1, 1]); 'auto' (with --noisy-data): "
+                                       "estimate it from the data set (see estimate-sigma)."),
+    _option("blur", type=_FLOAT, help="Blur std in pixels (--corruption blur)."),
+    _option("blur_schedule", type=_choice(BLUR_SCHEDULES), help="Blur schedule of the process."),
+    _option("preset", type=_choice(PRESETS), help="Network preset."),
+    _option("batch", type=click.IntRange(min=1), help="Images per optimiser step."),
+    _option("batch_gpu", type=click.IntRange(min=1), help="Images per forward/backward round.", unset="--batch"),
+    _option("precision", type=_choice(PRECISIONS), help="Arithmetic (fp64: for verification runs)."),
+    _option("compile", "--compile/--no-compile", help="torch.compile the networks."),
+    _option("sigma_sampling", type=_choice(SIGMA_SAMPLINGS), help="Ambient sigma_t."),
+    _option("seed", type=click.IntRange(min=0), help="Seed of every random draw."),
+    _option("snapshot_kimg", type=_FLOAT, help="Network snapshot + last.pt + grids every N kimg."),
+    _option("state_kimg", type=_FLOAT, help="Also keep a full training-state copy every N kimg (0: last.pt only)."),
+    _option("keep", type=click.IntRange(min=1), help="Keep only the K newest state copies.", unset="all"),
+    _option("log_every", type=click.IntRange(min=1), help="Steps per metrics.jsonl line."),
+    _option("grid_images", type=click.IntRange(min=0), help="Images per PNG grid."),
+    _option("sample_steps", type=click.IntRange(min=1), help="Sampler steps of the teacher grid."),
+    _option("max_nonfinite", type=click.IntRange(min=1), help="Stop after N non-finite steps in a row."),
+    _option("device", help="torch device.", unset="cuda if available; cuda:LOCAL_RANK under torchrun"),
+    _option("parallel", type=_choice(PARALLELS),
+            help="Under torchrun --nproc-per-node N: DDP or FSDP2 (auto: ddp with N > 1)."),
+    _option("fid_every_kimg", type=_FLOAT, help="Proximal FID every N kimg; best.ckpt by it (0: off)."),
+    _option("fid_images", type=click.IntRange(min=2), help="Generated images per Proximal FID."),
+    _option("fid_ref_images", type=click.IntRange(min=2), help="Corrupted data images in its reference.", unset="all"),
+    _option("fid_mode", type=_choice(RESIZE_MODES),
+            help="FID feature mode: edm (EDM's pipeline), clean (clean-fid's PIL bicubic) or gpu."),
+    _option("fid_batch", type=click.IntRange(min=1), help="Images per Proximal FID batch."),
     click.option("--outdir", metavar="DIR", help="New run directory."),
     click.option("--resume", metavar="RUN_DIR", help="Continue this run directory exactly."),
 ]
 _PRETRAIN_OPTIONS = [
-    _option("--lr", type=_FLOAT, help="Adam learning rate.  [per preset]"),
-    _option("--lr-rampup-kimg", type=_FLOAT, help="Linear lr ramp-up.  [10000]"),
-    _option("--ema-halflife-kimg", type=_FLOAT, help="EMA half-life.  [500]"),
+    _option("lr", type=_FLOAT, help="Adam learning rate."),
+    _option("lr_rampup_kimg", type=_FLOAT, help="Linear lr ramp-up."),
+    _option("ema_halflife_kimg", type=_FLOAT, help="EMA half-life."),
 ]
 _DISTILL_OPTIONS = [
-    _option("--teacher", metavar="CKPT", help="Phase I checkpoint or network snapshot (its EMA is the teacher)."),
-    _option("--loss", type=click.Choice(["sid", "dmd", "sds"]), help="Generator loss.  [sid]"),
-    _option("--alpha", type=_FLOAT, help="SiD alpha.  [per preset]"),
-    _option("--g-lr", type=_FLOAT, help="Generator and fake-score learning rate.  [per preset]"),
-    _option("--sigma-init", type=_FLOAT, help="Generator level sigma_init.  [2.5]"),
-    _option("--t-max", type=_FLOAT, help="Generator-step t_max (of 1000).  [800]"),
-    _option("--g-ema-halflife-kimg", type=_FLOAT, help="Generator EMA half-life.  [500]"),
+    _option("teacher", metavar="CKPT", help="Phase I checkpoint or network snapshot (its EMA is the teacher)."),
+    _option("loss", type=_choice(DISTILL_LOSSES), help="Generator loss."),
+    _option("alpha", type=_FLOAT, help="SiD alpha."),
+    _option("g_lr", type=_FLOAT, help="Generator and fake-score learning rate."),
+    _option("sigma_init", type=_FLOAT, help="Generator level sigma_init."),
+    _option("t_max", type=_FLOAT, help="Generator-step t_max (of 1000)."),
+    _option("g_ema_halflife_kimg", type=_FLOAT, help="Generator EMA half-life."),
 ]
 # Fields a distill run takes from its teacher's options.json unless given.
 _FROM_TEACHER = ("dataset", "data", "noisy_data", "max_images", "corruption", "sigma", "blur", "blur_schedule",
@@ -109,18 +159,15 @@ def _apply(options):
     return decorate
 
 
-def _run(phases, kimg_fields, kwargs):
+def _run(phases, kwargs):
     """Build Options from the given flags (plus a resumed run's or the teacher's saved ones) and train."""
-    from .training import Options, TrainingError, train
-    from .training.loop import RunDir, load_checkpoint
-
     outdir, resume = kwargs.pop("outdir"), kwargs.pop("resume")
-    for flag, field in kimg_fields.items():
-        kwargs[field] = kwargs.pop(flag)
     given = {k: v for k, v in kwargs.items() if v is not None}
     try:
         if (outdir is None) == (resume is None):
             raise ValueError("outdir/resume: pass exactly one of --outdir DIR (new run) or --resume RUN_DIR")
+        if given.get("sigma") == AUTO:
+            given.update(_auto_sigma(phases, given, resume))
         if resume is not None:
             _, saved, _ = RunDir.open(resume)
             options = Options.from_dict({**saved.to_dict(), **given})
@@ -129,7 +176,7 @@ def _run(phases, kimg_fields, kwargs):
                 saved = load_checkpoint(given["teacher"]).get("options") or {}
                 given = {**{k: saved[k] for k in _FROM_TEACHER if k in saved}, **given}
             options = Options(**given)
-        status = train(options, phases=phases, outdir=outdir, resume=resume)
+        status = run_training(options, phases=phases, outdir=outdir, resume=resume)
     except (ValueError, OSError, TrainingError) as e:
         raise click.ClickException(str(e)) from e
     run_dir = resume or outdir
@@ -141,29 +188,47 @@ def _run(phases, kimg_fields, kwargs):
         click.echo(f"Done: grids (*.png), metrics.jsonl and checkpoints (*.pt) are in {run_dir}")
 
 
+def _auto_sigma(phases, given, resume):
+    """--sigma auto: sigma and sigma_estimate for a new run on already-noisy data, from noise_level's estimator."""
+    if resume is not None or phases[0] != "pretrain":
+        raise ValueError("sigma: 'auto' estimates sigma for a new pretrain/train run from its data set; a resumed "
+                         "run keeps its sigma and distill takes its teacher's (give a number)")
+    if not given.get("noisy_data"):
+        raise ValueError("sigma: 'auto' estimates the noise already in the data set, so it needs --noisy-data; "
+                         "with clean data sigma is the noise the run adds (give a number)")
+    if given.get("dataset") is None:
+        raise ValueError("sigma: 'auto' needs the data set to estimate it from (--dataset)")
+    estimate, source = estimate_dataset_noise(given["dataset"], given.get("data"), max_images=given.get("max_images"),
+                                              seed=given.get("seed", 0))
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"sigma = {estimate.sigma:.4f} (--sigma auto: estimated from {source}, {estimate.selected} "
+                   f"weak-texture {estimate.patch}x{estimate.patch} patches, {estimate.method})")
+    return dict(sigma=estimate.sigma, sigma_estimate=dict(source=source, **estimate.as_dict()))
+
+
 @main.command()
 @_apply(_RUN_OPTIONS + _PRETRAIN_OPTIONS)
-@_option("--kimg", type=_FLOAT, help="Phase I length in thousands of images.  [200000]")
+@_option("pretrain_kimg", "--kimg", type=_FLOAT, help="Phase I length in thousands of images.")
 def pretrain(**kwargs):
     """Phase I: ambient-Tweedie pretraining of the teacher on corrupted data only."""
-    _run(("pretrain",), {"kimg": "pretrain_kimg"}, kwargs)
+    _run(("pretrain",), kwargs)
 
 
 @main.command()
 @_apply(_RUN_OPTIONS + _DISTILL_OPTIONS)
-@_option("--kimg", type=_FLOAT, help="Phase II length in thousands of images.  [100000]")
+@_option("distill_kimg", "--kimg", type=_FLOAT, help="Phase II length in thousands of images.")
 def distill(**kwargs):
     """Phase II: distil a Phase I teacher (--teacher) into a one-step generator."""
-    _run(("distill",), {"kimg": "distill_kimg"}, kwargs)
+    _run(("distill",), kwargs)
 
 
 @main.command()
 @_apply(_RUN_OPTIONS + _PRETRAIN_OPTIONS + [o for o in _DISTILL_OPTIONS if o is not _DISTILL_OPTIONS[0]])
-@_option("--pretrain-kimg", type=_FLOAT, help="Phase I length in thousands of images.  [200000]")
-@_option("--distill-kimg", type=_FLOAT, help="Phase II length in thousands of images.  [100000]")
+@_option("pretrain_kimg", type=_FLOAT, help="Phase I length in thousands of images.")
+@_option("distill_kimg", type=_FLOAT, help="Phase II length in thousands of images.")
 def train(**kwargs):
     """Phase I then Phase II in one run directory (resumable across the phase boundary)."""
-    _run(("pretrain", "distill"), {}, kwargs)
+    _run(("pretrain", "distill"), kwargs)
 
 
 @main.command()
@@ -173,15 +238,13 @@ def train(**kwargs):
 @click.option("--resolution", type=click.IntRange(min=1), default=None, help="Center-crop + resize to this size.")
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Convert only the first N images.")
 @click.option("--corrupt/--clean", default=False, show_default=True, help="Write the fixed corrupted copy.")
-@click.option("--corruption", type=click.Choice(["noise", "blur"]), default="noise", show_default=True)
-@click.option("--sigma", type=float, default=0.2, show_default=True, help="Noise std (images in [-1, 1]).")
-@click.option("--blur", type=float, default=0.0, show_default=True, help="Blur std in pixels.")
+@click.option("--corruption", type=_choice(CORRUPTIONS), default=_DEFAULTS["corruption"], show_default=True)
+@click.option("--sigma", type=float, default=_DEFAULTS["sigma"], show_default=True,
+              help="Noise std (images in [-1, 1]).")
+@click.option("--blur", type=float, default=_DEFAULTS["blur"], show_default=True, help="Blur std in pixels.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Corruption seed.")
 def dataset(source, data, dest, resolution, max_images, corrupt, corruption, sigma, blur, seed):
     """Convert a data set to an EDM zip (center-crop, resize); --corrupt writes a fixed corrupted copy."""
-    from .corruption import BlurNoiseCorruption, NoiseCorruption
-    from .data import convert_dataset, resolve_source
-
     try:
         cor = None
         if corrupt:
@@ -202,28 +265,16 @@ def dataset(source, data, dest, resolution, max_images, corrupt, corruption, sig
 def estimate_sigma(dataset, data, max_images, seed, as_json):
     """Estimate the observation noise std sigma (in the [-1, 1] scale of --sigma) from the data set alone: PCA of
     weak-texture patches (Chen, Zhu & Heng, ICCV 2015; Liu, Tanaka & Okutomi, TIP 2013)."""
-    import json
-
-    from .data import load_images, resolve_source
-    from .noise_level import estimate_noise
-
     try:
-        source = resolve_source(dataset, data)
-        estimate = estimate_noise(load_images(source, max_images=max_images), seed=seed)
+        estimate, source = estimate_dataset_noise(dataset, data, max_images=max_images, seed=seed)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     if as_json:
-        click.echo(json.dumps(dict(source=os.fspath(source), **estimate.as_dict())))
+        click.echo(json.dumps(dict(source=source, **estimate.as_dict())))
     else:
-        click.echo(f"sigma = {estimate.sigma:.4f} (estimated from {os.fspath(source)}: {estimate.selected} "
+        click.echo(f"sigma = {estimate.sigma:.4f} (estimated from {source}: {estimate.selected} "
                    f"weak-texture {estimate.patch}x{estimate.patch} patches, {estimate.method})")
 
 
-def _register():
-    from .commands import evaluate, fid, generate
-
-    for module in (generate, fid, evaluate):
-        main.add_command(module.command)
-
-
-_register()
+for _module in (generate, fid, evaluate):
+    main.add_command(_module.command)

@@ -9,24 +9,16 @@ rho = Psi_n^2/Psi_s^2:
     adjusted_prediction:  Y_n^  = rho r Y_s + Lambda_n (1 - rho r^2) D x0_hat.
 """
 
-import math
 
 import torch
 
-from dsd_fast import functional
+from dsd_fast import checks, functional
 from dsd_fast.ops import dct as _ops_dct
 from dsd_fast.reference.dct import blur_eigenvalues, dct2, dct_blur, idct2
 from dsd_fast.reference.edm import added_variance, blur_excess, edm_weight
 from dsd_fast.reference.losses import ambient_prediction
 
 SCHEDULES = ("fixed", "linear")
-
-
-def _check_scalar(value, name):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def _check_images(name, x, *others):
@@ -46,7 +38,7 @@ def _check_images(name, x, *others):
 def _check_s(s, x):
     """Per-sample noise level s: a float or a [B] tensor -> [B] tensor in x's dtype."""
     if not isinstance(s, torch.Tensor):
-        s = torch.full((x.shape[0],), _check_scalar(s, "s"), dtype=x.dtype, device=x.device)
+        s = torch.full((x.shape[0],), checks.number("s", s), dtype=x.dtype, device=x.device)
     if s.shape != (x.shape[0],):
         raise ValueError(f"s: expected a per-sample tensor of shape [{x.shape[0]}], got {tuple(s.shape)}")
     return s.to(x.dtype)
@@ -64,7 +56,7 @@ class Corruption:
     Subclasses define A, Lambda, forward, inject and adjusted_prediction."""
 
     def __init__(self, sigma):
-        self.sigma = _check_scalar(sigma, "sigma")
+        self.sigma = checks.number("sigma", sigma)
 
     def corrupt(self, x, seed, index):
         """y = A x + sigma eps with eps[i] a pure function of (seed, index[i]) (float32 Philox, then cast)."""
@@ -139,7 +131,7 @@ class BlurNoiseCorruption(Corruption):
 
     def __init__(self, blur, sigma, schedule="fixed"):
         super().__init__(sigma)
-        self.blur = _check_scalar(blur, "blur")
+        self.blur = checks.number("blur", blur)
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
         if schedule == "linear" and self.sigma == 0:

@@ -9,6 +9,7 @@ import numbers
 
 import torch
 
+from . import checks
 from .ops import backend
 from .ops import dct as _ops_dct
 from .ops import losses as _ops_losses
@@ -43,16 +44,6 @@ def _check_like(name, x, ref_name, ref):
         raise ValueError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {x.dtype}")
     if x.device != ref.device:
         raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {x.device}")
-
-
-def _check_scalar(name, v, *, positive=False):
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
-        raise ValueError(f"{name}: expected a finite real number, got {v!r}")
-    if v < 0 or (positive and v == 0):
-        raise ValueError(f"{name}: expected {'> 0' if positive else '>= 0'}, got {v}")
-    return float(v)
 
 
 def _check_per_sample(name, v, ref, *, greater_than=None, allow_scalar=True):
@@ -103,7 +94,7 @@ def _check_index(index, ref):
 def corrupt(x, sigma, *, seed, index):
     """y = x + sigma * eps with eps[i] fixed by (seed, index[i]): the dataset's one corruption draw."""
     _check_image("x", x)
-    sigma = _check_scalar("sigma", sigma)
+    sigma = checks.number("sigma", sigma)
     seed = _check_seed(seed)
     index = _check_index(index, x)
     if backend.choose("corrupt", x.device, _ops_noise.NOISE_SUPPORTED) != "reference":
@@ -115,7 +106,7 @@ def corrupt(x, sigma, *, seed, index):
 def add_noise(y, sigma_t, sigma, *, seed, offset=0):
     """x_t = y + sqrt(sigma_t^2 - sigma^2) eps, eps = Philox stream (seed, offset + flat element index)."""
     _check_image("y", y)
-    sigma = _check_scalar("sigma", sigma)
+    sigma = checks.number("sigma", sigma)
     sigma_t = _check_per_sample("sigma_t", sigma_t, y, greater_than=sigma)
     seed = _check_seed(seed)
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
@@ -132,7 +123,7 @@ def _check_ambient_args(name, first, x_t, y, sigma_t, sigma, weight):
     _check_image(name, first)
     _check_like("x_t", x_t, name, first)
     _check_like("y", y, name, first)
-    sigma = _check_scalar("sigma", sigma)
+    sigma = checks.number("sigma", sigma)
     sigma_t = _check_per_sample("sigma_t", sigma_t, first, greater_than=sigma)
     if weight is not None:
         weight = _check_per_sample("weight", weight, first)

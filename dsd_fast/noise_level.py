@@ -45,9 +45,13 @@ textures that pass the selection (+1..+4 % on Fashion-MNIST's float path).
 """
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import torch
+
+from . import checks
+from .data import load_images, resolve_source
 
 MIN_PATCHES_PER_DIM = 10  # every covariance is of >= 10 d patches: Marchenko-Pastur spread (1 +- sqrt(0.1))^2
 DEFAULT_PATCH = 8  # Chen et al.'s default patch size
@@ -76,13 +80,6 @@ class NoiseEstimate:
 
     def as_dict(self):
         return asdict(self)
-
-
-def _check_int(value, name, low, high=None):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}: expected an int {bound}, got {value!r}")
-    return value
 
 
 def _as_float_images(images):
@@ -211,11 +208,11 @@ def estimate_noise(images, *, patch=DEFAULT_PATCH, max_patches=DEFAULT_MAX_PATCH
     patches (fewer than 10 d, d = r*r*C)."""
     x = _as_float_images(images)
     N, C, H, W = x.shape
-    _check_int(patch, "patch", 3, min(H, W))
+    checks.integer("patch", patch, 3, min(H, W))
     d = patch * patch * C
     need = MIN_PATCHES_PER_DIM * d
-    _check_int(max_patches, "max_patches", need)
-    _check_int(seed, "seed", 0)
+    checks.integer("max_patches", max_patches, need)
+    checks.integer("seed", seed, 0)
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
         raise ValueError(f"confidence: expected a probability in (0, 1), got {confidence!r}")
     positions = N * (H - patch + 1) * (W - patch + 1)
@@ -277,3 +274,10 @@ def estimate_sigma(images, *, patch=DEFAULT_PATCH, max_patches=DEFAULT_MAX_PATCH
                    confidence=DEFAULT_CONFIDENCE, seed=0):
     """estimate_noise(...).sigma: the observation noise std in the [-1, 1] scale (training's --sigma)."""
     return estimate_noise(images, patch=patch, max_patches=max_patches, confidence=confidence, seed=seed).sigma
+
+
+def estimate_dataset_noise(dataset, data=None, *, max_images=None, seed=0):
+    """(NoiseEstimate, source path) of a data set named or given by path (data.resolve_source), read as it is
+    stored: what `dsd-fast estimate-sigma` prints and `--sigma auto` trains with."""
+    source = resolve_source(dataset, data)
+    return estimate_noise(load_images(source, max_images=max_images), seed=seed), os.fspath(source)

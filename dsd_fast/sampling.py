@@ -8,29 +8,20 @@ latents for EDM's float64 integration).
 """
 
 import dataclasses
-import math
 from itertools import pairwise
 
 import torch
 
+from dsd_fast import checks
 from dsd_fast.reference.dct import dct2, idct2
-
-
-def _level(value, name, low=0.0, strict=False):
-    """A finite float >= low (> low when strict) from a number or a one-element tensor, else ValueError."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not (ok and (value > low if strict else value >= low)):
-        raise ValueError(f"{name}: expected a finite number {'>' if strict else '>='} {low}, got {value!r}")
-    return float(value)
 
 
 def _check_grid(num_steps, sigma_min, sigma_max, rho):
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
-    sigma_min = _level(sigma_min, "sigma_min", strict=True)
-    return sigma_min, _level(sigma_max, "sigma_max", sigma_min, strict=True), _level(rho, "rho", strict=True)
+    sigma_min = checks.number("sigma_min", sigma_min, strict=True)
+    sigma_max = checks.number("sigma_max", sigma_max, sigma_min, strict=True)
+    return sigma_min, sigma_max, checks.number("rho", rho, strict=True)
 
 
 def _check_latents(latents, min_ndim=2, name="latents"):
@@ -103,7 +94,7 @@ def ambient_sample(D, latents, sigma, num_steps=18, *, truncate, sigma_min=0.002
     x_{t-1} = x_t - (sigma_t - sigma_{t-1}) / sigma_t (x_t - x0_hat); Ambient-Full returns x_0.
     With return_info, returns (x, AmbientInfo)."""
     _check_latents(latents)
-    sigma = _level(sigma, "sigma")
+    sigma = checks.number("sigma", sigma)
     t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
     x_t = latents * t_steps[0]
     for i, (sigma_t, sigma_prev) in enumerate(pairwise(t_steps)):
@@ -170,5 +161,5 @@ def one_step(G, z, sigma_init=2.5):
     """One-step student sample x_g = G_theta(z) = G(sigma_init z, sigma_init) (SiD/DSD generator: the
     distilled denoiser evaluated once at sigma_init). Differentiable in z and in G's parameters."""
     _check_latents(z, name="z")
-    sigma_init = _level(sigma_init, "sigma_init", strict=True)
+    sigma_init = checks.number("sigma_init", sigma_init, strict=True)
     return _denoise(G, sigma_init * z, sigma_init, name="G")

@@ -24,14 +24,14 @@ def die():
 
 
 def install(spec):
-    from dsd_fast.training import loop
+    from dsd_fast import rundir
 
     run, kind, at = spec["run"], spec["kind"], spec.get("at", 0)
     armed = lambda: os.path.exists(os.path.join(run, "last.pt"))
     count = [0]
 
     if kind == "bytes":
-        original = loop._RecordingFile.write
+        original = rundir._RecordingFile.write
 
         def write(self, data):
             if armed():
@@ -43,7 +43,7 @@ def install(spec):
                 count[0] += len(data)
             return original(self, data)
 
-        loop._RecordingFile.write = write
+        rundir._RecordingFile.write = write
     elif kind == "replace":
         original_replace = os.replace
 
@@ -72,7 +72,7 @@ def install(spec):
                         die()
                 f.write(line)
 
-        loop.RunDir.log = log
+        rundir.RunDir.log = log
     elif kind != "none":
         raise ValueError(f"kind: expected bytes, replace, metrics or none, got {kind!r}")
 

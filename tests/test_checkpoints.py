@@ -19,13 +19,15 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from runs import smooth_images
 
-import dsd_fast.commands.fid as fidcmd
+import dsd_fast.evaluation.features as features_module
+from dsd_fast import rundir
 from dsd_fast.cli import main
 from dsd_fast.evaluation import save_reference
 from dsd_fast.generation import load_sampler
 from dsd_fast.networks import resolve_config
-from dsd_fast.training import Options, loop, train
-from dsd_fast.training.loop import RunDir, atomic_write_bytes, disk_use, load_checkpoint
+from dsd_fast.rundir import RunDir, atomic_write_bytes, load_checkpoint
+from dsd_fast.training import Options, train
+from dsd_fast.training.loop import disk_use
 
 CONFIG = resolve_config("cpu-tiny")
 BATCH = 2
@@ -164,7 +166,7 @@ def test_snapshots_feed_generate_fid_eval_and_teacher(run, data, tmp_path, monke
     assert r.exit_code == 1 and "for a Phase II checkpoint" in r.output and "student only" in r.output
 
     cheap = lambda images: F.adaptive_avg_pool2d(images.float() / 255, 2).flatten(1)
-    monkeypatch.setattr(fidcmd, "feature_network", lambda *args, **kwargs: cheap)
+    monkeypatch.setattr(features_module, "feature_network", lambda *args, **kwargs: cheap)
     x = torch.from_numpy(np.load(data)["x"])
     save_reference(tmp_path / "ref.npz", cheap(x), corrupted=False, resize_mode="gpu")
     fids = []
@@ -221,8 +223,8 @@ class FullDisk:
 
 def _fill_disk(monkeypatch, room, name):
     """Every write of a file called `name` (through atomic_write_bytes) runs out of disk after `room` bytes."""
-    init = loop._RecordingFile.__init__
-    monkeypatch.setattr(loop._RecordingFile, "__init__",
+    init = rundir._RecordingFile.__init__
+    monkeypatch.setattr(rundir._RecordingFile, "__init__",
                         lambda self, f: init(self, FullDisk(f, room) if os.path.basename(f.name) == name else f))
 
 

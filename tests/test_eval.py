@@ -14,15 +14,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import dsd_fast.commands.fid as fidcmd
+import dsd_fast.evaluation.features as features_module
 from dsd_fast.cli import main
-from dsd_fast.commands.evaluate import NO_CLEAN
 from dsd_fast.data import to_float, to_uint8
-from dsd_fast.evaluation import fid_from_features, save_reference
-from dsd_fast.generation import load_sampler, proximal_corrupt
+from dsd_fast.evaluation import fid_from_features, proximal_corrupt, save_reference
+from dsd_fast.evaluation.table import NO_CLEAN
+from dsd_fast.generation import load_sampler
 from dsd_fast.metrics import feature_stats
+from dsd_fast.rundir import to_uint8_grid
 from dsd_fast.training import Options
-from dsd_fast.training.grids import to_uint8_grid
 
 N_DATA, NUM = 12, 3
 # --num, --grid-images and --batch equal: a row's FID images are one batch, the batch of its grid too. On the CPU
@@ -41,7 +41,7 @@ def cheap_features(images):
 
 @pytest.fixture(autouse=True)
 def cheap(monkeypatch):
-    monkeypatch.setattr(fidcmd, "feature_network", lambda *args, **kwargs: cheap_features)
+    monkeypatch.setattr(features_module, "feature_network", lambda *args, **kwargs: cheap_features)
 
 
 @pytest.fixture(scope="module")

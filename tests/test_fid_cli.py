@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from runs import invoke, ok
 
-import dsd_fast.commands.fid as fidcmd
+import dsd_fast.evaluation.features as features_module
 from dsd_fast.cli import main
 from dsd_fast.corruption import BlurNoiseCorruption, NoiseCorruption
 from dsd_fast.data import to_float, to_uint8
-from dsd_fast.evaluation import data_features, fid_from_features, save_reference
-from dsd_fast.generation import load_sampler, proximal_corrupt
+from dsd_fast.evaluation import data_features, fid_from_features, proximal_corrupt, save_reference
+from dsd_fast.generation import load_sampler
 from dsd_fast.metrics import InceptionFeatures, feature_stats, load_inception, load_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +56,7 @@ class Recorder:
 @pytest.fixture
 def cheap(monkeypatch):
     rec = Recorder()
-    monkeypatch.setattr(fidcmd, "feature_network", lambda *args, **kwargs: rec)
+    monkeypatch.setattr(features_module, "feature_network", lambda *args, **kwargs: rec)
     return rec
 
 
@@ -307,5 +307,5 @@ def test_ref_bad_input(cheap, run, tmp_path):
 
 
 if __name__ == "__main__":  # launched by test_fid_torchrun under torchrun: the CLI with the cheap feature network
-    fidcmd.feature_network = lambda *args, **kwargs: cheap_features
+    features_module.feature_network = lambda *args, **kwargs: cheap_features
     main(sys.argv[1:], prog_name="dsd-fast")

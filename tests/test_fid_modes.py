@@ -12,7 +12,8 @@ import pytest
 import torch
 from runs import invoke, ok
 
-import dsd_fast.commands.fid as fidcmd
+import dsd_fast.evaluation.features as features_module
+from dsd_fast.cli import main
 from dsd_fast.evaluation import save_reference
 from dsd_fast.metrics import FIDInceptionV3, InceptionFeatures, frechet_distance, load_inception, load_stats
 from dsd_fast.metrics.fid import RESIZE_MODES
@@ -72,7 +73,8 @@ def test_edm_features_are_the_networks_own_forward(inception, size, channels):
 
 def test_default_mode_is_edm():
     assert InceptionFeatures(torch.nn.Identity()).mode == "edm" and RESIZE_MODES[0] == "edm"
-    assert fidcmd.MODES == RESIZE_MODES
+    modes = {p.name: p for p in main.commands["fid"].params}["mode"]  # the CLI's choices come from RESIZE_MODES
+    assert tuple(modes.type.choices) == RESIZE_MODES
 
 
 def test_clean_mode_matches_cleanfid():
@@ -97,7 +99,7 @@ def cheap_features(images):
 
 @pytest.fixture
 def cheap(monkeypatch):
-    monkeypatch.setattr(fidcmd, "feature_network", lambda *args, **kwargs: cheap_features)
+    monkeypatch.setattr(features_module, "feature_network", lambda *args, **kwargs: cheap_features)
 
 
 def number(out):

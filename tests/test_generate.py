@@ -189,7 +189,7 @@ def test_outputs_dir_zip_npz(run, tmp_path):
 @pytest.mark.parametrize("out", ["s.zip", "s.npz", "pngs"])
 def test_failed_write_leaves_no_partial_file(out, run, tmp_path, monkeypatch):
     """A failure after some images were written: no zip/npz, no temporary file; a directory keeps only whole PNGs."""
-    from dsd_fast.commands import generate
+    from dsd_fast import generation
 
     calls = []
 
@@ -203,8 +203,8 @@ def test_failed_write_leaves_no_partial_file(out, run, tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(generate, "_encode_png", encode_fails_on_fourth)
-    monkeypatch.setattr(generate.np, "savez", savez_fails)
+    monkeypatch.setattr(generation, "_encode_png", encode_fails_on_fourth)
+    monkeypatch.setattr(np, "savez", savez_fails)
     r = _generate("--ckpt", run[0], "--seeds", "0-6", "--batch", 2, "--out", tmp_path / out)
     assert r.exit_code == 1 and "Error: disk full" in r.output, r.output
     if out == "pngs":  # images 2 and 3 encode concurrently: either may be the failing 4th call

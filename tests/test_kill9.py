@@ -21,7 +21,7 @@ import numpy as np
 import PIL.Image
 from runs import smooth_images
 
-from dsd_fast.training.loop import load_checkpoint
+from dsd_fast.rundir import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = os.path.join(ROOT, "tests", "kill9_child.py")

@@ -213,3 +213,38 @@ def test_cli_estimate_sigma(tmp_path):
     np.save(tmp_path / "flat.npy", np.full((40, 32, 32, 1), 128, np.uint8))
     r = invoke("estimate-sigma", "--dataset", tmp_path / "flat.npy")
     assert r.exit_code == 1 and "variance" in r.output
+
+
+def test_sigma_auto_trains_with_the_estimate(tmp_path):
+    """`pretrain --sigma auto --noisy-data`: the run trains with the estimate (within 10 % of the true sigma) and
+    records it in options.json; a resumed run keeps it; auto without --noisy-data, on resume or for distill is a
+    clear error before anything is written."""
+    import json
+
+    import numpy as np
+    from runs import invoke, ok, smooth_images
+
+    sigma = 0.15
+    x = to_float(smooth_images(64, channels=3))
+    y = NoiseCorruption(sigma).corrupt(x, random.getrandbits(24), torch.arange(64))
+    np.save(tmp_path / "noisy.npy", to_uint8(y).permute(0, 2, 3, 1).numpy())
+    flags = ["--dataset", tmp_path / "noisy.npy", "--preset", "cpu-tiny", "--batch", 4, "--kimg", 0.008,
+             "--lr-rampup-kimg", 0, "--grid-images", 0, "--sample-steps", 2]
+    out = tmp_path / "run"
+    text = ok("pretrain", "--sigma", "auto", "--noisy-data", *flags, "--outdir", out)
+    options = json.loads((out / "options.json").read_text())
+    assert abs(options["sigma"] - sigma) < 0.1 * sigma, options["sigma"]
+    record = options["sigma_estimate"]
+    assert record["sigma"] == options["sigma"] and record["source"].endswith("noisy.npy")
+    assert record["method"] and record["selected"] > 0 and f"sigma = {options['sigma']:.4f}" in text
+    ok("pretrain", "--resume", out, "--kimg", 0.016)
+    assert json.loads((out / "options.json").read_text())["sigma_estimate"] == record
+    for extra, match in ((["--outdir", tmp_path / "clean"], "needs --noisy-data"),
+                         (["--noisy-data", "--resume", out], "a resumed run keeps its sigma")):
+        r = invoke("pretrain", "--sigma", "auto", *flags, *extra)
+        assert r.exit_code == 1 and match in r.output, r.output
+    r = invoke("distill", "--sigma", "auto", "--teacher", out / "last.pt", "--kimg", 0.004, "--outdir", tmp_path / "d")
+    assert r.exit_code == 1 and "distill takes its teacher's" in r.output, r.output
+    assert not (tmp_path / "clean").exists() and not (tmp_path / "d").exists()
+    r = invoke("pretrain", "--sigma", "often", *flags, "--outdir", tmp_path / "bad")
+    assert r.exit_code == 2 and "often" in r.output

@@ -10,9 +10,9 @@ import pytest
 import torch
 from runs import torchrun
 
+from dsd_fast.distributed import Parallel
+from dsd_fast.rundir import load_checkpoint
 from dsd_fast.training import Options, train
-from dsd_fast.training.loop import load_checkpoint
-from dsd_fast.training.parallel import Parallel
 
 # batch 4 on 2 ranks with batch_gpu 1: two accumulation rounds per rank (the first under no_sync); the 1-process
 # reference runs four rounds of 1, so every per-sample forward is the same computation and the runs differ only

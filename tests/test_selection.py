@@ -18,11 +18,11 @@ from runs import smooth_images
 from dsd_fast.cli import main
 from dsd_fast.data import GPUData
 from dsd_fast.data.datasets import to_float, to_uint8
-from dsd_fast.evaluation import fid_from_features, sampler_features
+from dsd_fast.evaluation import fid_from_features, proximal_features
 from dsd_fast.generation import load_sampler
 from dsd_fast.metrics import feature_stats, load_stats
+from dsd_fast.rundir import load_checkpoint
 from dsd_fast.training import Options, selection, train
-from dsd_fast.training.loop import load_checkpoint
 
 REAL_FEATURES = selection.feature_network  # before the autouse fixture replaces it
 N_IMAGES = 16
@@ -63,8 +63,8 @@ def _offline(ckpt, o, ref):
     """Proximal FID of a checkpoint measured as `dsd-fast fid --proximal` would (seeds 0..fid_images-1), in the
     loop's batches: another batch size may change the float rounding of the convolutions, and with it a uint8
     pixel here and there."""
-    feats = sampler_features(load_sampler(ckpt, steps=o.sample_steps), range(o.fid_images), cheap_features,
-                             batch=o.fid_batch, proximal=True, progress=False)
+    feats = proximal_features(load_sampler(ckpt, steps=o.sample_steps), range(o.fid_images), cheap_features,
+                              batch=o.fid_batch, progress=False)
     return fid_from_features(feats, ref)
 
 

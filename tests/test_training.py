@@ -16,11 +16,10 @@ from click.testing import CliRunner
 from dsd_fast.cli import main
 from dsd_fast.data import GPUData
 from dsd_fast.networks import PRESETS, build_network, resolve_config
+from dsd_fast.rundir import load_checkpoint, to_uint8_grid
 from dsd_fast.sampling import one_step
 from dsd_fast.training import Distill, Options, Pretrain, TrainingError, train
 from dsd_fast.training.ema import EMA, ema_beta
-from dsd_fast.training.grids import to_uint8_grid
-from dsd_fast.training.loop import load_checkpoint
 from dsd_fast.training.phase1 import sample_sigma_t
 from dsd_fast.training.phase2 import _apply
 
@@ -69,8 +68,8 @@ def test_losses_fall_on_a_fixed_batch(corruption):
     shape = (2, 3, 32, 32)
     fake = []
     for _ in range(3):
-        fake.append(d.fake_step(0, 2, shape))
-        assert _apply(d.fake_opt, fake[-1], 1e-3)
+        fake.append(d.f_psi_step(0, 2, shape))
+        assert _apply(d.f_psi_opt, fake[-1], 1e-3)
     assert fake[-1] < fake[0], fake
     gen = []
     for _ in range(3):
@@ -78,8 +77,8 @@ def test_losses_fall_on_a_fixed_batch(corruption):
         assert _apply(d.G_opt, gen[-1], 1e-4)
     assert gen[-1] < gen[0], gen
     # The generator step never changes the frozen teacher or the fake score.
-    assert all(not p.requires_grad for p in d.teacher.parameters())
-    assert all(p.requires_grad for p in d.fake.parameters()) and d.fake.training
+    assert all(not p.requires_grad for p in d.f_phi.parameters())
+    assert all(p.requires_grad for p in d.f_psi.parameters()) and d.f_psi.training
 
 
 def test_resume_is_exact_across_ctrl_c_and_the_phase_boundary(tmp_path):
@@ -299,4 +298,4 @@ def test_clamp_sampling_trains(precision, dtype, corruption):
     assert abs(clamped - 0.5934) < 0.03  # P(lognormal(-1.2, 1.2) <= 0.4) = Phi((ln 0.4 + 1.2) / 1.2)
     assert Pretrain(o, CONFIG, _data(o), CPU).step(0)[0]
     d = Distill(o, CONFIG, None, CPU, build_network(CONFIG).state_dict())
-    assert math.isfinite(d.fake_step(0, 8, (8, 3, 32, 32)))
+    assert math.isfinite(d.f_psi_step(0, 8, (8, 3, 32, 32)))

@@ -1,1 +1,2 @@
-"""Evaluation commands of the `dsd-fast` CLI, one module each (generate, fid, eval); cli.py registers them."""
+"""The click commands of `dsd-fast generate`, `fid` and `eval`, one module each: they parse and call the library
+(generation, evaluation); cli.py registers them."""

@@ -9,10 +9,10 @@ corruption.corrupt(x_i, seed, i): the same noise in every epoch, order and batch
 (one noisy data set per seed); shuffle_seed (default: seed) may vary per run without changing the data.
 """
 
-import operator
 
 import torch
 
+from dsd_fast import checks
 from dsd_fast.reference.philox import MASK32, philox4x32
 
 from .datasets import to_float
@@ -23,17 +23,6 @@ PERMUTE_STREAM = 1  # counter (i, epoch, 1, 0): sort key of image i in epoch `ep
 XFLIP_STREAM = 2  # counter (p lo, p hi, 2, 0): top bit = flip sample p
 
 
-def _check_int(value, name, low, high=None):
-    try:
-        v = operator.index(value)
-    except TypeError:
-        v = None
-    if v is None or isinstance(value, bool) or v < low or (high is not None and v >= high):
-        bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name}: expected an int {bound}, got {value!r}")
-    return v
-
-
 def _philox(seed, c0, c1, stream):
     zero = torch.zeros_like(c0)
     return philox4x32(c0, c1, torch.full_like(c0, stream), zero, seed & MASK32, seed >> 32)
@@ -42,16 +31,16 @@ def _philox(seed, c0, c1, stream):
 def epoch_permutation(seed, epoch, n, device=None):
     """The order of epoch `epoch` over n images: int64 [n], a pure function of (seed, epoch, n).
     Images are sorted by a 63-bit Philox key (ties, ~n^2/2^64 likely, keep index order)."""
-    seed = _check_int(seed, "seed", 0, 2**64)
-    epoch = _check_int(epoch, "epoch", 0, 2**32)
-    i = torch.arange(_check_int(n, "n", 1), dtype=torch.int64)
+    seed = checks.integer("seed", seed, 0, 2**64 - 1)
+    epoch = checks.integer("epoch", epoch, 0, 2**32 - 1)
+    i = torch.arange(checks.integer("n", n, 1), dtype=torch.int64)
     w0, w1, _, _ = _philox(seed, i, torch.full_like(i, epoch), PERMUTE_STREAM)
     return torch.sort((w0 << 31) | (w1 >> 1), stable=True).indices.to(device)
 
 
 def xflip_mask(seed, p):
     """bool [B]: whether sample p (int64 [B], global sample numbers) is mirrored; probability exactly 1/2."""
-    w0 = _philox(_check_int(seed, "seed", 0, 2**64), p & MASK32, p >> 32, XFLIP_STREAM)[0]
+    w0 = _philox(checks.integer("seed", seed, 0, 2**64 - 1), p & MASK32, p >> 32, XFLIP_STREAM)[0]
     return (w0 >> 31).bool()
 
 
@@ -71,8 +60,9 @@ class GPUData:
             raise ValueError(f"images: expected square images, got {images.shape[2]}x{images.shape[3]}")
         if noisy and corruption is not None:
             raise ValueError("corruption: expected None when noisy=True (the images are already observations)")
-        self.seed = _check_int(seed, "seed", 0, 2**64)
-        self.shuffle_seed = self.seed if shuffle_seed is None else _check_int(shuffle_seed, "shuffle_seed", 0, 2**64)
+        self.seed = checks.integer("seed", seed, 0, 2**64 - 1)
+        self.shuffle_seed = (self.seed if shuffle_seed is None else
+                             checks.integer("shuffle_seed", shuffle_seed, 0, 2**64 - 1))
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         self.images = images.to(self.device).contiguous()
         self.corruption = corruption
@@ -99,10 +89,10 @@ class GPUData:
     def batch(self, step, batch_size, rank=0, world_size=1):
         """(y, index) of rank's share of step's global batch: y float32 [batch_size, C, H, W] in the [-1, 1]
         scale (corrupted and flipped), index int64 [batch_size] the data set indices, both on the device."""
-        step = _check_int(step, "step", 0)
-        batch_size = _check_int(batch_size, "batch_size", 1)
-        world_size = _check_int(world_size, "world_size", 1)
-        rank = _check_int(rank, "rank", 0, world_size)
+        step = checks.integer("step", step, 0)
+        batch_size = checks.integer("batch_size", batch_size, 1)
+        world_size = checks.integer("world_size", world_size, 1)
+        rank = checks.integer("rank", rank, 0, world_size - 1)
         N = len(self)
         start = (step * world_size + rank) * batch_size
         e0, e1 = start // N, (start + batch_size - 1) // N

@@ -1,9 +1,11 @@
 """DSD training: Phase I (ambient pretraining), Phase II (score distillation), or both in one run directory."""
 
+from ..data import GPUData, load_images, resolve_source
+from ..distributed import launch
 from ..networks import resolve_config
-from .loop import RunDir, TrainingError, describe_disk_use, disk_use, load_checkpoint, run_phase, steps_for
-from .options import PHASE_ORDER, Options
-from .parallel import launch
+from ..options import PHASE_ORDER, Options
+from ..rundir import RunDir, load_checkpoint
+from .loop import TrainingError, describe_disk_use, disk_use, run_phase, steps_for
 from .phase1 import Pretrain
 from .phase2 import Distill, check_teacher
 from .selection import ProximalFID
@@ -16,8 +18,6 @@ __all__ = ["Distill", "Options", "PHASES", "Pretrain", "RunDir", "TrainingError"
 def load_data(options, config, device):
     """The run's observations on device: GPUData over the data set, corrupted once per image with the run's
     corruption and seed unless options.noisy_data. The images must match the network's resolution/channels."""
-    from ..data import GPUData, load_images, resolve_source
-
     source = resolve_source(options.dataset, options.data)
     images = load_images(source, resolution=config.img_resolution, channels=config.in_channels,
                          max_images=options.max_images)

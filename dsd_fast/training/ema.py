@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from .parallel import local
+from ..distributed import local
 
 
 def ema_beta(nimg, batch, halflife_kimg, rampup_ratio=0.05):

@@ -9,12 +9,13 @@ import os
 
 import torch
 
+from ..distributed import Parallel
 from ..networks import build_network
 from ..reference.edm import above, sigma_clamp, sigma_truncated_lognormal
+from ..rundir import network_snapshot
 from ..sampling import ambient_sample, dct_ode_sample
 from .ema import EMA, ema_beta
-from .loop import autocast, compute_dtype, derive_seed, network_snapshot, normal, seed_dropout, set_precision, uniform
-from .parallel import Parallel
+from .loop import autocast, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
 
 
 def sample_sigma_t(options, key, n, device, start=0, dtype=torch.float32):

@@ -13,16 +13,18 @@ the observation sigma, which the ambient teacher never saw during Phase I.
 
 import copy
 import math
+import types
 
 import torch
 
 from .. import functional
+from ..distributed import Parallel
 from ..networks import build_network
 from ..reference.edm import karras_sigma, karras_t
+from ..rundir import network_snapshot
 from ..sampling import one_step
 from .ema import EMA, ema_beta
-from .loop import autocast, compute_dtype, derive_seed, network_snapshot, normal, seed_dropout, set_precision, uniform
-from .parallel import Parallel
+from .loop import autocast, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
 from .phase1 import accumulate, ambient_training_loss, grid_latents, sample_sigma_t, save_data_grid
 
 
@@ -51,23 +53,25 @@ class Distill:
         self.corruption = options.make_corruption()
         set_precision(options.precision)
         self.dtype = compute_dtype(options.precision)
-        self.teacher = build_network(config).to(device, self.dtype)
+        self.f_phi = build_network(config).to(device, self.dtype)  # the teacher
         try:
-            self.teacher.load_state_dict(teacher_state)
+            self.f_phi.load_state_dict(teacher_state)
         except RuntimeError as e:
             raise ValueError(f"teacher: weights do not fit the {config} network: {e}") from e
-        self.teacher.eval().requires_grad_(False)
-        self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
-        self.G = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        self.f_phi.eval().requires_grad_(False)
+        self.f_psi = copy.deepcopy(self.f_phi).train().requires_grad_(True)  # the fake score
+        self.G = copy.deepcopy(self.f_phi).train().requires_grad_(True)
         self.G_ema = EMA(self.G, par.average)
-        self.fake_trained, self.G_trained = par.wrap(self.fake), par.wrap(self.G)
+        # What trains f_psi and G: DDP-wrapped or sharded, their gradients averaged over ranks.
+        self.synced = types.SimpleNamespace(f_psi=par.wrap(self.f_psi), G=par.wrap(self.G))
         adam = dict(lr=options.g_lr, betas=(0.0, 0.999), eps=1e-8)  # SiD: no first-moment momentum
-        self.fake_opt = torch.optim.Adam(self.fake.parameters(), **adam)
+        self.f_psi_opt = torch.optim.Adam(self.f_psi.parameters(), **adam)
         self.G_opt = torch.optim.Adam(self.G.parameters(), **adam)
+        # The forward calls (compiled with --compile). Inside the generator step f_psi is frozen and called outside
+        # DDP, whose reducer would wait for its gradients; its own update calls the synced wrapper.
         wrap = torch.compile if options.compile else (lambda m: m)
-        self.f_phi, self.f_psi, self.G_fn = wrap(self.teacher), wrap(self.fake_trained), wrap(self.G_trained)
-        # Inside the generator step f_psi is frozen: called outside DDP, whose reducer would wait for its grads.
-        self.f_psi_frozen = wrap(self.fake)
+        self.forward = types.SimpleNamespace(f_phi=wrap(self.f_phi), f_psi=wrap(self.f_psi),
+                                             f_psi_update=wrap(self.synced.f_psi), G=wrap(self.synced.G))
         self.completed = 0
         self.nonfinite = 0
 
@@ -76,8 +80,8 @@ class Distill:
         complete on rank 0."""
         par = self.par
         return dict(contents="state", phase=self.name, step=self.completed, nonfinite=self.nonfinite,
-                    teacher=self.teacher.state_dict(), fake=par.state_dict(self.fake), G=par.state_dict(self.G),
-                    G_ema=par.state_dict(self.G_ema.net), fake_opt=par.optim_state_dict(self.fake, self.fake_opt),
+                    teacher=self.f_phi.state_dict(), fake=par.state_dict(self.f_psi), G=par.state_dict(self.G),
+                    G_ema=par.state_dict(self.G_ema.net), fake_opt=par.optim_state_dict(self.f_psi, self.f_psi_opt),
                     G_opt=par.optim_state_dict(self.G, self.G_opt), options=self.options.to_dict(),
                     net_config=vars(self.config).copy())
 
@@ -87,17 +91,17 @@ class Distill:
 
     def load_state_dict(self, state):
         par = self.par
-        for net, name in ((self.fake, "fake"), (self.G, "G"), (self.G_ema.net, "G_ema")):
+        for net, name in ((self.f_psi, "fake"), (self.G, "G"), (self.G_ema.net, "G_ema")):  # the file's keys
             par.load_state_dict(net, state[name])
-        par.load_optim_state_dict(self.fake, self.fake_opt, state["fake_opt"])
+        par.load_optim_state_dict(self.f_psi, self.f_psi_opt, state["fake_opt"])
         par.load_optim_state_dict(self.G, self.G_opt, state["G_opt"])
         self.completed, self.nonfinite = state["step"], state["nonfinite"]
 
     def generate(self, z):
         with autocast(self.options.precision, z.device):
-            return one_step(self.G_fn, z, self.options.sigma_init).to(z.dtype)
+            return one_step(self.forward.G, z, self.options.sigma_init).to(z.dtype)
 
-    def fake_step(self, k, n, shape):
+    def f_psi_step(self, k, n, shape):
         """Update f_psi with the Phase I loss on generated images corrupted like the data: y~ = A x_g + sigma eps.
         Returns the loss (the global batch mean)."""
         o, dev, par = self.options, self.device, self.par
@@ -109,11 +113,11 @@ class Distill:
         y = self.corruption.A(x_g) + o.sigma * normal(key("eps_y"), shape, dev, start, self.dtype)
         sigma_t = sample_sigma_t(o, key("sigma_fake"), n, dev, start, self.dtype)
         eps = normal(key("eps_fake"), shape, dev, start, self.dtype)
-        self.fake_opt.zero_grad(set_to_none=True)
-        loss_fn = lambda y_r, s_r, e_r: ambient_training_loss(self.f_psi, self.corruption, y_r, s_r, e_r,
-                                                              o.precision)
+        self.f_psi_opt.zero_grad(set_to_none=True)
+        loss_fn = lambda y_r, s_r, e_r: ambient_training_loss(self.forward.f_psi_update, self.corruption, y_r, s_r,
+                                                              e_r, o.precision)
         total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, eps,
-                           no_sync=lambda: par.no_sync(self.fake_trained))
+                           no_sync=lambda: par.no_sync(self.synced.f_psi))
         return par.sum(total).item() / (n * par.world_size)
 
     def generator_loss(self, z, sigma_t, eps):
@@ -122,8 +126,8 @@ class Distill:
         x_g = self.generate(z)
         x_t = self.corruption.forward(x_g, sigma_t, eps)
         with autocast(self.options.precision, z.device):
-            f_phi = self.f_phi(x_t, sigma_t).to(x_t.dtype)
-            f_psi = self.f_psi_frozen(x_t, sigma_t).to(x_t.dtype)
+            f_phi = self.forward.f_phi(x_t, sigma_t).to(x_t.dtype)
+            f_psi = self.forward.f_psi(x_t, sigma_t).to(x_t.dtype)
         if self.options.loss == "sid":
             return functional.sid_generator_loss(f_phi, f_psi, x_g, self.options.alpha)
         if self.options.loss == "dmd":
@@ -139,13 +143,13 @@ class Distill:
         sigma_t = karras_sigma(karras_t(uniform(key("t_gen"), n, dev, start).to(self.dtype), o.t_max))
         eps = normal(key("eps_gen"), shape, dev, start, self.dtype)
         self.G_opt.zero_grad(set_to_none=True)
-        self.fake.eval().requires_grad_(False)
+        self.f_psi.eval().requires_grad_(False)
         try:
             total = accumulate(self.generator_loss, n, self.batch_gpu, z, sigma_t, eps,
-                               no_sync=lambda: par.no_sync(self.G_trained))
+                               no_sync=lambda: par.no_sync(self.synced.G))
             return par.sum(total).item() / (n * par.world_size)
         finally:
-            self.fake.train().requires_grad_(True)
+            self.f_psi.train().requires_grad_(True)
 
     def step(self, k):
         """Fake-score step then generator step; a non-finite loss skips that update (counted once per step)."""
@@ -154,8 +158,8 @@ class Distill:
         nimg = (k + 1) * o.batch
         lr = o.g_lr  # SiD: no learning-rate ramp-up (both nets start from the trained teacher)
         seed_dropout(o.seed, k, self.par.rank)
-        fake_loss = self.fake_step(k, n, shape)
-        fake_ok = _apply(self.fake_opt, fake_loss, lr)
+        fake_loss = self.f_psi_step(k, n, shape)
+        fake_ok = _apply(self.f_psi_opt, fake_loss, lr)
         g_loss = self.generator_step(k, n, shape)
         g_ok = _apply(self.G_opt, g_loss, lr)
         if g_ok:

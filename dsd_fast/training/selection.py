@@ -2,7 +2,7 @@
 
 Every options.fid_every_kimg (and at each phase's end) the phase's EMA network generates the images of seeds
 0..fid_images-1 (generation.py's seed -> image map), they are corrupted with the run's observation model
-(generation.proximal_corrupt), and their Inception features are compared with those of the run's own
+(evaluation.proximal), and their Inception features are compared with those of the run's own
 observations: the first fid_ref_images data images corrupted exactly as training corrupts them (or used as they
 are with noisy data). The reference stats are computed once and cached in the run directory (fid-ref-proximal.npz,
 reused on resume). Phase I measures the teacher EMA sampled as its snapshot grids are (Ambient-Truncated for
@@ -24,11 +24,12 @@ import time
 
 import torch
 
-from ..evaluation import data_features, fid_from_features, gather_rows, sampler_features
+from ..distributed import gather_rows
+from ..evaluation import data_features, fid_from_features, proximal_features
 from ..generation import TEACHER_SAMPLERS, Sampler
 from ..metrics import InceptionFeatures, feature_stats, load_stats, save_stats
 from ..networks import build_network
-from .loop import FID_REFERENCE, atomic_write_bytes
+from ..rundir import FID_REFERENCE, atomic_write_bytes
 
 BEST_CKPT = "best.ckpt"
 BEST_JSON = "best.json"
@@ -105,8 +106,8 @@ class ProximalFID:
         o, par = self.options, self.par
         t0 = time.perf_counter()
         ref = self.reference(run)
-        feats = sampler_features(phase_sampler(phase), range(o.fid_images), self.features, batch=o.fid_batch,
-                                 proximal=True, progress=False)
+        feats = proximal_features(phase_sampler(phase), range(o.fid_images), self.features, batch=o.fid_batch,
+                                  progress=False)
         fid = fid_from_features(feats, ref) if par.main else 0.0
         fid = par.sum(torch.tensor([fid], dtype=torch.float64, device=par.device)).item()  # rank 0's value
         step, kimg = phase.completed, phase.completed * o.batch / 1000

@@ -4,10 +4,11 @@ import dataclasses
 import json
 import math
 
-from ..corruption import BlurNoiseCorruption, NoiseCorruption
-from ..metrics.fid import RESIZE_MODES
-from ..networks import PRESETS
-from .parallel import PARALLELS
+from . import checks
+from .corruption import BlurNoiseCorruption, NoiseCorruption
+from .distributed import PARALLELS
+from .metrics.fid import RESIZE_MODES
+from .networks import PRESETS
 
 PHASE_ORDER = ("pretrain", "distill")
 CORRUPTIONS = ("noise", "blur")
@@ -48,6 +49,7 @@ class Options:
     xflip: bool = True
     corruption: str = "noise"
     sigma: float = 0.2
+    sigma_estimate: dict | None = None  # --sigma auto: where sigma came from (noise_level.NoiseEstimate, source)
     blur: float = 0.0
     blur_schedule: str = "fixed"
     # Network and run.
@@ -101,19 +103,13 @@ class Options:
 
     def _validate(self):
         def choice(name, choices):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
+            checks.choice(name, getattr(self, name), choices)
 
         def number(name, low=0.0, strict=False):
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            if not (ok and (v > low if strict else v >= low)):
-                raise ValueError(f"{name}: expected a finite number {'>' if strict else '>='} {low}, got {v!r}")
+            checks.number(name, getattr(self, name), low, strict=strict)
 
         def integer(name, low=1):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
+            checks.integer(name, getattr(self, name), low)
 
         choice("corruption", CORRUPTIONS)
         choice("precision", PRECISIONS)
@@ -146,6 +142,9 @@ class Options:
             raise ValueError(f"blur: expected a blur std > 0 pixels with corruption='blur', got {self.blur}")
         if self.corruption == "noise" and self.blur != 0:
             raise ValueError(f"blur: only meaningful with corruption='blur' (got blur={self.blur} with 'noise')")
+        if self.sigma_estimate is not None and not isinstance(self.sigma_estimate, dict):
+            raise ValueError(f"sigma_estimate: expected None or a dict (a NoiseEstimate record), got "
+                             f"{type(self.sigma_estimate).__name__}")
         self.make_corruption()  # validates the schedule against sigma
 
     def make_corruption(self):

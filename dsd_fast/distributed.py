@@ -1,6 +1,7 @@
-"""Multi-process training under torchrun: the process group from torchrun's environment, DDP or FSDP2 wrapping
-of the trained nets, gradient-sync control for accumulation rounds, all-reduced metrics, and full (unsharded)
-state dicts, so a checkpoint is the same file whatever the world size or parallel mode.
+"""Several processes under torchrun: the process group from torchrun's environment (launch, process_group), DDP or
+FSDP2 wrapping of the trained nets, gradient-sync control for accumulation rounds, all-reduced metrics, full
+(unsharded) state dicts, so a checkpoint is the same file whatever the world size or parallel mode, and the
+gathers that generation and evaluation use to collect every rank's rows.
 
 Every rank computes its contiguous share of the global batch; each round backpropagates sum(loss) / n_rank and
 DDP / FSDP average the gradients over ranks, so the update is the global batch mean of the 1-process run.
@@ -9,6 +10,7 @@ DDP / FSDP average the gradients over ranks, so the update is the global batch m
 import contextlib
 import copy
 import os
+import types
 
 import torch
 import torch.distributed as dist
@@ -173,3 +175,49 @@ def launch(options):
     finally:
         if created:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device=None, precision="fp32"):
+    """launch() for the commands that train nothing (generate, fid, eval): under torchrun the process group training
+    uses (gloo on CPU, nccl on cuda:LOCAL_RANK), one process otherwise."""
+    with launch(types.SimpleNamespace(parallel="auto", device=device, precision=precision)) as par:
+        yield par
+
+
+def world():
+    """(rank, world_size) of this process: (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(x):
+    """Concatenate every rank's [n_r, ...] rows (n_r may differ) on every rank; x itself with one process."""
+    rank, size = world()
+    if size == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(n) for _ in range(size)]
+    dist.all_gather(counts, n)
+    counts = [int(c) for c in counts]
+    padded = _pad(x, max(counts))
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+
+
+def gather_interleaved(x, counts):
+    """On rank 0: every rank's rows interleaved row by row (rank r's row j lands at r + size * j), cut to
+    sum(counts); None elsewhere. What restores seed order when rank r holds seeds[r::size]."""
+    rank, size = world()
+    padded = _pad(x, max(counts))  # gather needs equal shapes; the tail is cut off
+    parts = [torch.empty_like(padded) for _ in range(size)] if rank == 0 else None
+    dist.gather(padded, parts, dst=0)
+    return torch.stack(parts, dim=1).flatten(0, 1)[:sum(counts)] if rank == 0 else None
+
+
+def _pad(x, n):
+    padded = x.new_zeros(n, *x.shape[1:])
+    padded[:x.shape[0]] = x
+    return padded

@@ -1,8 +1,7 @@
-"""FID and Proximal FID in memory: generated or data images -> Inception features -> float64 stats -> distance.
+"""FID in memory: generated or data images -> Inception features -> float64 stats -> distance, and the reference
+stats files (`dsd-fast fid ref`) with the markers that keep clean-data, corrupted-data and feature-mode stats apart.
 
 No image files: a batch goes from the sampler (uint8, as its PNG would be) straight into the feature network.
-Proximal FID (DSD Section 4) corrupts the generated images with the run's observation model and compares them
-with the statistics of the corrupted data, so it needs no clean data: what a run can select on.
 Under torch.distributed every rank handles its share of the seeds and the features are gathered on every rank.
 """
 
@@ -10,51 +9,48 @@ import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from .data.datasets import to_float, to_uint8
-from .generation import batches, proximal_corrupt, split_seeds
-from .metrics import feature_stats, frechet_distance, load_stats
+from ..data import load_images, resolve_source, to_float, to_uint8
+from ..distributed import gather_rows, world
+from ..generation import batches, split_seeds
+from ..metrics import InceptionFeatures, feature_stats, frechet_distance, load_inception, load_stats
+from ..networks import resolve_config
+from ..rundir import atomic_write_bytes
 
 
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def feature_network(inception=None, mode="edm", device="cpu", batch=256):
+    """The FID feature extractor: uint8 images [B, C, H, W] -> float32 [B, D] on the CPU. Callers look it up on this
+    module at call time, so tests can replace it with a cheap one."""
+    return InceptionFeatures(load_inception(inception), mode=mode, device=device, batch_size=batch)
 
 
-def gather_rows(x):
-    """Concatenate every rank's [n_r, D] rows (n_r may differ) on every rank; x itself with one process."""
-    rank, world = _world()
-    if world == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(counts, n)
-    counts = [int(c) for c in counts]
-    padded = x.new_zeros(max(counts), *x.shape[1:])
-    padded[:x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+def check_dim(name, mu, features, chw):
+    """ValueError unless reference stats have the feature network's dimension (before generating anything)."""
+    dim = features(torch.zeros(0, *chw, dtype=torch.uint8)).shape[1]
+    if mu.shape[0] != dim:
+        raise ValueError(f"{name}: the stats have feature dimension {mu.shape[0]} but the feature network gives "
+                         f"{dim} (stats from another network?)")
 
 
-def sampler_features(sampler, seeds, features, *, batch=1024, proximal=False, progress=True, desc="generate"):
-    """Features [len(seeds), D] (float32, CPU) of the sampler's images of these seeds; proximal: of those images
-    corrupted by the sampler's observation model. Ranks split the seeds; all features return on every rank."""
-    rank, world = _world()
-    mine = split_seeds(list(seeds), rank, world)
+def sampler_features(sampler, seeds, features, *, batch=1024, views=None, progress=True, desc="generate"):
+    """Features [len(seeds), D] (float32, CPU) of the sampler's images of these seeds. views: a tuple of maps
+    view(images uint8, seeds) -> images (None: the images as they are), all fed from one generation pass; then a
+    tuple of feature tensors, one per view. Ranks split the seeds; all features return on every rank."""
+    rank, size = world()
+    mine = split_seeds(list(seeds), rank, size)
     device = next(sampler.net.parameters()).device
-    out = [features(torch.zeros(0, *sampler.chw, dtype=torch.uint8))]  # fixes D when this rank has no seeds
+    maps = (None,) if views is None else tuple(views)
+    empty = features(torch.zeros(0, *sampler.chw, dtype=torch.uint8))  # fixes D when this rank has no seeds
+    out = [[empty] for _ in maps]
     with tqdm(total=len(seeds), desc=desc, unit="img", disable=not progress or rank != 0, dynamic_ncols=True) as bar:
         for chunk in batches(mine, batch):
             images = sampler.images(chunk, device)
-            if proximal:
-                images = proximal_corrupt(images, sampler.corruption, chunk)
-            out.append(features(images))
-            bar.update(len(chunk) * world)
-    return gather_rows(torch.cat(out).to(device)).cpu()
+            for feats, view in zip(out, maps, strict=True):
+                feats.append(features(images if view is None else view(images, chunk)))
+            bar.update(len(chunk) * size)
+    gathered = tuple(gather_rows(torch.cat(f).to(device)).cpu() for f in out)
+    return gathered[0] if views is None else gathered
 
 
 def observe(images, corruption, seed, index):
@@ -94,23 +90,6 @@ def fid_from_features(feats, ref):
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
-def sampler_features_with_proximal(sampler, seeds, features, *, batch=1024, progress=True, desc="generate"):
-    """(features of the sampler's images of these seeds, features of their proximal corruption): FID and Proximal
-    FID from one generation pass. Ranks split the seeds as in sampler_features; both return on every rank."""
-    rank, world = _world()
-    mine = split_seeds(list(seeds), rank, world)
-    device = next(sampler.net.parameters()).device
-    empty = features(torch.zeros(0, *sampler.chw, dtype=torch.uint8))
-    clean, corrupted = [empty], [empty]
-    with tqdm(total=len(seeds), desc=desc, unit="img", disable=not progress or rank != 0, dynamic_ncols=True) as bar:
-        for chunk in batches(mine, batch):
-            images = sampler.images(chunk, device)
-            clean.append(features(images))
-            corrupted.append(features(proximal_corrupt(images, sampler.corruption, chunk)))
-            bar.update(len(chunk) * world)
-    return tuple(gather_rows(torch.cat(f).to(device)).cpu() for f in (clean, corrupted))
-
-
 # Keys that save_reference writes besides mu and sigma; stats files from elsewhere (clean-fid, EDM) have none.
 REFERENCE_MARKERS = ("corrupted", "num_images", "feature_dim", "resize_mode", "resolution", "description")
 
@@ -120,8 +99,6 @@ def save_reference(path, feats, *, corrupted, resize_mode, resolution=None, desc
     EDM read) plus the REFERENCE_MARKERS (the feature mode and the images' resolution among them), so a
     clean-data file cannot silently serve as a corrupted-data (Proximal FID) reference or the other way round,
     nor a file of one feature mode score features of another. resolution None: not recorded."""
-    from .training.loop import atomic_write_bytes  # here: training imports this module (in-loop selection)
-
     mu, sigma = feature_stats(feats)
     markers = dict(corrupted=bool(corrupted), num_images=int(feats.shape[0]), feature_dim=int(feats.shape[1]),
                    resize_mode=str(resize_mode), description=str(description))
@@ -152,3 +129,23 @@ def load_reference(path, *, corrupted=None, mode=None, name="ref"):
                          f"FID with corrupted data), but {os.fspath(path)!r} holds {kind[not corrupted]}-data "
                          f"stats (its 'corrupted' marker, written by `dsd-fast fid ref`)")
     return mu, sigma, markers
+
+
+def run_data(options, max_images=None, name="run"):
+    """(uint8 images [N, C, H, W], source path) of a run's data set as the run loads it; max_images: the first N
+    (default: the run's own max_images), fewer is an error."""
+    if options.dataset is None:
+        raise ValueError(f"{name}: the run's options name no data set (a distill run without --dataset)")
+    config = resolve_config(options.preset)
+    return load_data(options.dataset, options.data, config.img_resolution, config.in_channels,
+                     max_images or options.max_images)
+
+
+def load_data(dataset, data, resolution, channels, max_images):
+    """(uint8 images, source path) of a data set name or path; exactly max_images of them (None: all)."""
+    source = resolve_source(dataset, data)
+    images = load_images(source, resolution=resolution, channels=channels, max_images=max_images)
+    if max_images is not None and images.shape[0] < max_images:
+        raise ValueError(f"max_images: expected {max_images} images, but {os.fspath(source)} holds only "
+                         f"{images.shape[0]}")
+    return images, os.fspath(source)
