@@ -12,6 +12,7 @@ from .commands import evaluate, fid, generate
 from .corruption import SCHEDULES as BLUR_SCHEDULES
 from .corruption import BlurNoiseCorruption, NoiseCorruption
 from .data import convert_dataset, resolve_source
+from .data.dali import LOADERS
 from .distributed import PARALLELS
 from .metrics.fid import RESIZE_MODES
 from .networks import PRESETS
@@ -101,6 +102,10 @@ _RUN_OPTIONS = [
     _option("noisy_data", "--noisy-data/--clean-data", help="The data set is already corrupted: use it as-is."),
     _option("max_images", type=click.IntRange(min=1), help="Use only the first N images.", unset="all"),
     _option("xflip", "--xflip/--no-xflip", help="Random x-flips."),
+    _option("loader", type=_choice(LOADERS), help="Data loader: resident (the uint8 set on the device), dali "
+                                                 "(NVIDIA DALI streams and decodes it), auto (resident if it fits)."),
+    _option("loader_memory_fraction", type=_FLOAT, help="auto: keep the data resident if it fits in this fraction "
+                                                        "of the free device memory."),
     _option("corruption", type=_choice(CORRUPTIONS), help="Observation model."),
     _option("sigma", type=_SIGMA, help="Observation noise std (images in [-1, 1]); 'auto' (with --noisy-data): "
                                        "estimate it from the data set (see estimate-sigma)."),

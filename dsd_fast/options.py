@@ -6,6 +6,7 @@ import math
 
 from . import checks
 from .corruption import BlurNoiseCorruption, NoiseCorruption
+from .data.dali import LOADERS
 from .distributed import PARALLELS
 from .metrics.fid import RESIZE_MODES
 from .networks import PRESETS
@@ -32,8 +33,10 @@ PRESET_DEFAULTS = {
 # Fields a resumed run may change: how long it runs and how it reports, never what it computes.
 # The parallel mode (and the world size, which is not an option) changes only float rounding: checkpoints hold
 # full state dicts and every draw is keyed by global sample position.
-RESUMABLE = frozenset({"pretrain_kimg", "distill_kimg", "snapshot_kimg", "state_kimg", "keep", "log_every", "device",
-                       "compile", "max_nonfinite", "parallel", "fid_every_kimg", "fid_batch"})
+# The loader fields too: both loaders give the same batches.
+RESUMABLE = frozenset({"loader", "loader_memory_fraction", "loader_choice", "pretrain_kimg", "distill_kimg",
+                       "snapshot_kimg", "state_kimg", "keep", "log_every", "device", "compile", "max_nonfinite",
+                       "parallel", "fid_every_kimg", "fid_batch"})
 # The in-loop selection metric (selection.py): resumable only until the run has measured it, since its cached
 # reference stats and best.json are in its terms.
 FID_METRIC = frozenset({"fid_images", "fid_ref_images", "fid_mode"})
@@ -47,6 +50,9 @@ class Options:
     noisy_data: bool = False  # the dataset is already corrupted: use it as-is
     max_images: int | None = None
     xflip: bool = True
+    loader: str = "auto"  # resident (GPUData: the uint8 set on the device), dali (streamed), auto (by size)
+    loader_memory_fraction: float = 0.5  # auto keeps the data resident when it fits in this much free device memory
+    loader_choice: str | None = None  # set at the start of the run: the loader auto chose, and why
     corruption: str = "noise"
     sigma: float = 0.2
     sigma_estimate: dict | None = None  # --sigma auto: where sigma came from (noise_level.NoiseEstimate, source)
@@ -117,6 +123,10 @@ class Options:
         choice("loss", DISTILL_LOSSES)
         choice("parallel", PARALLELS)
         choice("fid_mode", RESIZE_MODES)
+        choice("loader", LOADERS)
+        number("loader_memory_fraction", strict=True)
+        if self.loader_memory_fraction > 1:
+            raise ValueError(f"loader_memory_fraction: expected a number in (0, 1], got {self.loader_memory_fraction}")
         for name in ("sigma", "blur", "pretrain_kimg", "distill_kimg", "lr_rampup_kimg", "ema_halflife_kimg",
                      "ema_rampup_ratio", "g_ema_halflife_kimg"):
             number(name)

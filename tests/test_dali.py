@@ -321,3 +321,48 @@ def test_bad_arguments(tmp_path, have_dali, kw, match):
     loader = _loader(tmp_path / "x.npy", batch_size=2)
     with pytest.raises(ValueError, match=r"rank: expected an int in \[0, 2\], got 3"):
         loader.batch(0, 2, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------- in training
+
+
+def _train_cli(tmp_path, source, name, *flags):
+    """A tiny Phase I + Phase II run through `dsd-fast train`; (options.json, Phase I losses, metrics lines)."""
+    import json
+
+    from runs import ok
+
+    out = tmp_path / name
+    ok("train", "--dataset", source, "--preset", "cpu-tiny", "--batch", 4, "--pretrain-kimg", 0.016,
+       "--distill-kimg", 0.008, "--lr-rampup-kimg", 0, "--log-every", 1, "--grid-images", 4, "--sample-steps", 2,
+       "--seed", 7, "--outdir", out, *flags)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if r["phase"] == "pretrain" and "loss" in r]
+    return json.loads((out / "options.json").read_text()), losses, lines
+
+
+def test_train_with_dali_equals_resident(tmp_path, have_dali):
+    """`dsd-fast train --loader dali` (the CPU pipeline) runs Phase I and II end to end and trains exactly as the
+    resident loader does (same batches, so the same losses); its choice is in options.json, its rate in
+    metrics.jsonl. auto on a CPU keeps the data resident and says why."""
+    x = torch.nn.functional.interpolate(torch.rand(12, 3, 4, 4), size=32, mode="bilinear")
+    source = convert_dataset(_sources(tmp_path, (x * 255).round().to(torch.uint8))["npz"], tmp_path / "d.zip")
+    o_dali, dali_losses, lines = _train_cli(tmp_path, source, "dali", "--loader", "dali")
+    o_auto, auto_losses, _ = _train_cli(tmp_path, source, "auto")
+    assert o_dali["loader_choice"].startswith("dali: --loader dali") and o_auto["loader_choice"].startswith(
+        "resident: no accelerator")
+    assert len(dali_losses) == 4 and dali_losses == auto_losses
+    pretrain = [r for r in lines if r["phase"] == "pretrain" and "loss" in r]
+    assert all(r["loader_img_per_s"] > 0 and 0 <= r["loader_wait_fraction"] <= 1 for r in pretrain[1:])
+
+
+def test_train_dali_not_installed_is_a_usage_error(tmp_path, monkeypatch):
+    from runs import invoke
+
+    for name in ("nvidia.dali", "nvidia.dali.fn", "nvidia.dali.types"):
+        monkeypatch.setitem(sys.modules, name, None)
+    np.save(tmp_path / "x.npy", _images(8, 3, 32).numpy())
+    r = invoke("pretrain", "--dataset", tmp_path / "x.npy", "--preset", "cpu-tiny", "--loader", "dali",
+               "--outdir", tmp_path / "run")
+    assert r.exit_code == 1 and "pip install 'dsd-fast[dali]'" in r.output, r.output
+    assert not (tmp_path / "run").exists()

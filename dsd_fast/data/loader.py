@@ -81,6 +81,10 @@ class GPUData:
     def channels(self):
         return self.images.shape[1]
 
+    def images_at(self, index):
+        """uint8 images [len(index), C, H, W] of these data set indices, on the device."""
+        return self.images.index_select(0, index.to(self.device))
+
     def permutation(self, epoch):
         """The image order of epoch `epoch` (int64 [N] on the device)."""
         perm = self._perms.get(epoch)

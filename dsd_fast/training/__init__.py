@@ -1,6 +1,10 @@
 """DSD training: Phase I (ambient pretraining), Phase II (score distillation), or both in one run directory."""
 
-from ..data import GPUData, load_images, resolve_source
+import math
+
+import torch
+
+from ..data import DALIData, GPUData, choose_loader, dataset_shape, load_images, resolve_source
 from ..distributed import launch
 from ..networks import resolve_config
 from ..options import PHASE_ORDER, Options
@@ -15,14 +19,30 @@ PHASES = PHASE_ORDER
 __all__ = ["Distill", "Options", "PHASES", "Pretrain", "RunDir", "TrainingError", "load_data", "train"]
 
 
-def load_data(options, config, device):
-    """The run's observations on device: GPUData over the data set, corrupted once per image with the run's
-    corruption and seed unless options.noisy_data. The images must match the network's resolution/channels."""
+def load_data(options, config, device, par=None, start_step=0):
+    """The run's observations on device, corrupted once per image with the run's corruption and seed unless
+    options.noisy_data: GPUData (the whole uint8 set on the device) or, by options.loader, DALIData (streamed, the
+    same batches); which one and why goes to options.loader_choice. The images must match the network's
+    resolution and channels. par: this process's Parallel (DALI reads this rank's share of every step from
+    start_step on)."""
     source = resolve_source(options.dataset, options.data)
-    images = load_images(source, resolution=config.img_resolution, channels=config.in_channels,
-                         max_images=options.max_images)
-    return GPUData(images, device=device, corruption=None if options.noisy_data else options.make_corruption(),
-                   seed=options.seed, noisy=options.noisy_data, xflip=options.xflip)
+    shape = dict(resolution=config.img_resolution, channels=config.in_channels, max_images=options.max_images)
+    free = torch.cuda.mem_get_info(device)[0] if torch.device(device).type == "cuda" else None
+    n_images, *chw = dataset_shape(source, **shape)
+    try:
+        kind, reason = choose_loader(options.loader, n_images * math.prod(chw), free, options.loader_memory_fraction)
+    except ImportError as e:  # --loader dali without DALI: a usage error, said as such
+        raise ValueError(str(e)) from e
+    options.loader_choice = f"{kind}: {reason}"
+    corruption = None if options.noisy_data else options.make_corruption()
+    common = dict(device=device, corruption=corruption, seed=options.seed, noisy=options.noisy_data,
+                  xflip=options.xflip)
+    if kind == "dali":
+        rank, world_size = (par.rank, par.world_size) if par is not None else (0, 1)
+        n = options.batch // world_size
+        return DALIData(source, batch_size=n, rank=rank, world_size=world_size, start_step=start_step, **shape,
+                        **common)
+    return GPUData(load_images(source, **shape), **common)
 
 
 def _check_data(data, config):
@@ -69,7 +89,10 @@ def _train(options, phases, outdir, resume, data, on_step, progress, par, run, s
         check_teacher(teacher, config, options.teacher)
         teacher_state = teacher["ema"]
     if data is None and options.dataset is not None:
-        data = load_data(options, config, device)
+        start = state["step"] if state is not None and state["phase"] == "pretrain" else 0
+        data = load_data(options, config, device, par, start)
+        if progress and par.main:
+            print(f"data: {options.loader_choice}", flush=True)
     if data is None and "pretrain" in phases:
         raise ValueError("dataset: Phase I needs a data set (--dataset)")
     _check_data(data, config)

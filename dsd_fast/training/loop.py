@@ -207,6 +207,22 @@ def save_checkpoints(phase, run, snapshot, keep_state):
     run.save_checkpoint(state, "last.pt")
 
 
+STALL = 0.1  # a streaming loader that keeps the step waiting this fraction of the time is reported as a stall
+
+
+def _loader_record(phase, bar):
+    """A streaming loader's (DALI) own rate and the step's wait for it since the last log line; a stall is also
+    written to the console. Nothing for the resident loader (its batches are device-side gathers)."""
+    data = getattr(phase, "data", None)
+    if data is None or not hasattr(data, "stats"):
+        return {}
+    s = data.stats(reset=True)
+    if s.wait_fraction > STALL and not bar.disable:
+        tqdm.write(f"{phase.name}: the data loader stalls the step ({s.wait_fraction:.0%} of the time waiting, "
+                   f"{s.img_per_s:.0f} img/s): raise its threads or use the resident loader if the set fits")
+    return dict(loader_img_per_s=s.img_per_s, loader_wait_s=s.wait_s, loader_wait_fraction=s.wait_fraction)
+
+
 def _steps(phase, run, total_steps, bar, on_step, interrupted, select):
     o, batch = phase.options, phase.options.batch
     snapshot_steps = max(1, steps_for(o.snapshot_kimg, batch))
@@ -230,6 +246,7 @@ def _steps(phase, run, total_steps, bar, on_step, interrupted, select):
             record = dict(phase=phase.name, step=step, kimg=step * batch / 1000,
                           img_per_s=(step - step_log) * batch / max(now - t_log, 1e-9),
                           mem_mb=round(memory_mb(phase.device), 1), nonfinite=phase.nonfinite, **metrics)
+            record.update(_loader_record(phase, bar))
             run.log(record)
             t_log, step_log = now, step
             postfix.update(kimg=f"{record['kimg']:.2f}", img_s=f"{record['img_per_s']:.0f}",

@@ -92,7 +92,7 @@ class ProximalFID:
             if par.any(par.main and self.ref is None):
                 d = self.data
                 index = torch.arange(par.rank, self.n_ref, par.world_size)
-                images = d.images.index_select(0, index.to(d.images.device))
+                images = d.images_at(index)
                 feats = data_features(images, self.features, corruption=d.corruption, seed=d.seed, index=index,
                                       batch=self.options.fid_batch, progress=False)
                 feats = gather_rows(feats.to(par.device)).cpu()
