@@ -5,7 +5,10 @@ with its Adam update, and the generator EMA), as each rung adds one speed-up:
     eager-fp32          fp32 with TF32 off (as EDM runs), eager, DSD_FAST_BACKEND=reference
     bf16                bf16 autocast over fp32 weights
     bf16+compile        + torch.compile of the networks (inductor)
-    bf16+compile+fused  + DSD_FAST_BACKEND=auto: fused Triton / CUDA-extension ops for corruption, noise and losses
+    bf16+compile+fused  + DSD_FAST_BACKEND=auto: the fused Triton / CUDA-extension ops, in both phases: corrupt
+                        (data batch, fake-step observations), add_noise / dct_inject_seeded (injection),
+                        ambient_loss_precond / dct_ambient_loss (Phase I and fake-score loss), sid_generator_loss
+                        (tests/test_training.py::test_fused_rung_steps_run_the_fused_ops counts them)
 
 Phases are constructed directly on fresh random weights (the speed does not depend on them); the data are random
 uint8 images in a GPUData resident on the device in every rung (no host loader in any timed step). Phase I runs

@@ -8,6 +8,7 @@ corruption.py); these are the scalar ones.
 import math
 import numbers
 import operator
+import os
 
 import torch
 
@@ -52,3 +53,12 @@ def device(name, value):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}: {value!r} requested but CUDA is not available here")
     return dev
+
+
+def reads_values(t):
+    """Whether checks that read tensor t's values (finite, > sigma, ...) run: on the CPU, where they are free; on
+    a device only with DSD_FAST_CHECKS=1 (each is a device-to-host sync, so a training step stays free of them);
+    never while torch.compile traces (a data-dependent branch would break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("DSD_FAST_CHECKS") == "1"

@@ -13,9 +13,8 @@ rho = Psi_n^2/Psi_s^2:
 import torch
 
 from dsd_fast import checks, functional
-from dsd_fast.ops import dct as _ops_dct
-from dsd_fast.reference.dct import blur_eigenvalues, dct2, dct_blur, idct2
-from dsd_fast.reference.edm import added_variance, blur_excess, edm_weight
+from dsd_fast.reference.dct import blur_eigenvalues, dct2, dct_adjusted_prediction, dct_blur, idct2
+from dsd_fast.reference.edm import added_variance, blur_excess, c_out, c_skip, edm_weight
 from dsd_fast.reference.losses import ambient_prediction
 
 SCHEDULES = ("fixed", "linear")
@@ -74,8 +73,8 @@ class Corruption:
         return self.Psi(s) / self.Lambda(s, H, W)
 
     def _check_inject(self, s):
-        # Data-dependent check: skipped while torch.compile traces (it would break the graph).
-        if not torch.compiler.is_compiling() and bool((s <= self.sigma).any()):
+        # Data-dependent: where it is free (checks.reads_values), never as a host sync in a training step.
+        if checks.reads_values(s) and bool((s <= self.sigma).any()):
             raise ValueError(f"s: expected every s > sigma = {self.sigma} (noise can only be added to an "
                              f"observation), got min {s.min().item()}")
 
@@ -85,6 +84,13 @@ class Corruption:
         s = _check_s(s, x_t)
         weight = edm_weight(s) if weight is None else weight
         return weight * (self.adjusted_prediction(x0_hat, x_t, s) - y).square().sum(dim=(1, 2, 3))
+
+    def precond_ambient_loss(self, F_x, x_t, y, s):
+        """ambient_loss of the EDM-preconditioned x0_hat = c_skip(s) x_t + c_out(s) F_x, F_x the raw network
+        output (what the trainer computes: the noise case fuses the preconditioning into the loss op)."""
+        _check_images("F_x", F_x, ("x_t", x_t), ("y", y))
+        s = _check_s(s, x_t)
+        return self.ambient_loss(_col(c_skip(s)) * x_t + _col(c_out(s)) * F_x, x_t, y, s)
 
 
 class NoiseCorruption(Corruption):
@@ -111,6 +117,19 @@ class NoiseCorruption(Corruption):
         s = _check_s(s, y)
         self._check_inject(s)
         return y + _col(added_variance(s, 1.0, self.sigma).sqrt()) * eps
+
+    def inject_seeded(self, y, s, seed, offset=0):
+        """inject with eps the Philox stream (seed, offset + flat element index), drawn inside the fused op."""
+        _check_images("y", y)
+        return functional.add_noise(y, _check_s(s, y), self.sigma, seed=seed, offset=offset)
+
+    def ambient_loss(self, x0_hat, x_t, y, s, weight=None):
+        _check_images("x0_hat", x0_hat, ("x_t", x_t), ("y", y))
+        return functional.ambient_loss(x0_hat, x_t, y, _check_s(s, x_t), self.sigma, weight)
+
+    def precond_ambient_loss(self, F_x, x_t, y, s):
+        _check_images("F_x", F_x, ("x_t", x_t), ("y", y))
+        return functional.ambient_loss_precond(F_x, x_t, y, _check_s(s, x_t), self.sigma)
 
     def adjusted_prediction(self, x0_hat, x_t, s):
         """y_hat = (1 - sigma^2/s^2) x0_hat + (sigma^2/s^2) x_t = E[y | x_t] when x0_hat = E[x0 | x_t]."""
@@ -182,26 +201,23 @@ class BlurNoiseCorruption(Corruption):
         _check_images("y", y, ("eps", eps))
         s = _check_s(s, y)
         self._check_inject(s)
-        if _ops_dct.can_fuse("dct_inject", y):
-            return _ops_dct.dct_inject(y, eps, s, self.b(s).reshape(-1), self.sigma, self.blur)
         r = self._r(s, *y.shape[-2:])
         return idct2(r * dct2(y) + added_variance(_col(s), r, self.sigma).sqrt() * dct2(eps))
 
+    def inject_seeded(self, y, s, seed, offset=0):
+        """inject with eps the Philox stream (seed, offset + flat element index), drawn inside the fused op."""
+        _check_images("y", y)
+        s = _check_s(s, y)
+        return functional.dct_inject(y, s, self.b(s).reshape(-1), self.sigma, self.blur, seed=seed, offset=offset)
+
     def ambient_loss(self, x0_hat, x_t, y, s, weight=None):
-        if not _ops_dct.can_fuse("dct_ambient_loss", x_t):
-            return super().ambient_loss(x0_hat, x_t, y, s, weight)
-        # Fused: adjusted prediction, residual and d/d x0_hat in one pass, in DCT space.
+        # The public op: adjusted prediction, residual and d/d x0_hat in one pass, in DCT space, where fused.
         _check_images("x0_hat", x0_hat, ("x_t", x_t), ("y", y))
         s = _check_s(s, x_t)
-        weight = edm_weight(s) if weight is None else weight
-        return _ops_dct.dct_ambient_loss(x0_hat, x_t, y, s, self.b(s).reshape(-1), weight, self.sigma, self.blur)
+        return functional.dct_ambient_loss(x0_hat, x_t, y, s, self.b(s).reshape(-1), self.sigma, self.blur, weight)
 
     def adjusted_prediction(self, x0_hat, x_t, s):
         """y_hat = D^T (rho r D x_t + Lambda_n (1 - rho r^2) D x0_hat), rho = sigma^2/s^2."""
         _check_images("x0_hat", x0_hat, ("x_t", x_t))
         s = _check_s(s, x_t)
-        H, W = x_t.shape[-2:]
-        r = self._r(s, H, W)
-        rho = _col((self.sigma / s) ** 2)  # not sigma^2/s^2: s^2 may underflow where sigma/s does not
-        Lambda_n = torch.exp(-0.5 * blur_eigenvalues(H, W, x_t.dtype, x_t.device) * self.blur**2)
-        return idct2(rho * r * dct2(x_t) + Lambda_n * (1 - rho * r**2) * dct2(x0_hat))
+        return dct_adjusted_prediction(x0_hat, x_t, s, self.b(s).reshape(-1), self.sigma, self.blur)

@@ -60,6 +60,8 @@ def _check_per_sample(name, v, ref, *, greater_than=None, allow_scalar=True):
     if v.device != ref.device:
         raise ValueError(f"{name}: expected device {ref.device}, got {v.device}")
     vd = v.detach()
+    if not checks.reads_values(vd):
+        return v
     if not torch.isfinite(vd).all():
         raise ValueError(f"{name}: expected finite values, got {vd[~torch.isfinite(vd)][:4].tolist()}")
     if (vd < 0).any():
@@ -83,7 +85,7 @@ def _check_index(index, ref):
         raise ValueError(f"index: expected an integer tensor of shape [{B}], got dtype {index.dtype}")
     if index.shape != (B,):
         raise ValueError(f"index: expected shape [{B}] (one image index per sample), got {tuple(index.shape)}")
-    if (index < 0).any():
+    if checks.reads_values(index) and (index < 0).any():
         raise ValueError(f"index: expected non-negative image indices, got min {index.min().item()}")
     return index.to(device=ref.device, dtype=torch.int64)
 
@@ -183,13 +185,43 @@ def sds_loss(f_phi, x_t, eps, x_g, sigma_t, weight=None):
     _check_like("eps", eps, "f_phi", f_phi)
     _check_like("x_g", x_g, "f_phi", f_phi)
     sigma_t = _check_per_sample("sigma_t", sigma_t, f_phi)
-    if (sigma_t.detach() == 0).any():
+    if checks.reads_values(sigma_t) and (sigma_t.detach() == 0).any():
         raise ValueError("sigma_t: expected every value > 0 (eps_phi divides by sigma_t), got a zero")
     if weight is not None:
         weight = _check_per_sample("weight", weight, f_phi)
     if backend.choose("sds_loss", f_phi.device, _ops_losses.SUPPORTED) != "reference":
         return _ops_losses.sds_loss(f_phi, x_t, eps, x_g, sigma_t, weight)
     return _losses.sds_loss(f_phi, x_t, eps, x_g, sigma_t, weight)
+
+
+def dct_inject(y, sigma_t, blur_t, sigma, blur, *, seed, offset=0):
+    """X_s of the DCT blur + noise process at levels sigma_t from observations y = blur_blur(x) + sigma eps:
+    D^T (r D y + sqrt(sigma_t^2 - r^2 sigma^2) D eps), r = exp(-lambda (blur_t^2 - blur^2) / 2), blur_t [B] the
+    process's blur std at sigma_t; eps the add_noise stream (seed, offset + flat element index), drawn in-kernel."""
+    _check_image("y", y)
+    sigma, blur = checks.number("sigma", sigma), checks.number("blur", blur)
+    sigma_t = _check_per_sample("sigma_t", sigma_t, y, greater_than=sigma)
+    blur_t = _check_per_sample("blur_t", blur_t, y)
+    seed = _check_seed(seed)
+    offset = checks.integer("offset", offset, 0)
+    if _ops_dct.can_fuse("dct_inject_seeded", y):  # else (fp64, a huge image) the reference
+        return _ops_dct.dct_inject_seeded(y, sigma_t, blur_t, sigma, blur, _ops_noise.signed_seed(seed), offset)
+    eps = _philox.stream_normal(seed, offset, tuple(y.shape), dtype=y.dtype, device=y.device)
+    return _dct.dct_inject(y, eps, sigma_t, blur_t, sigma, blur)
+
+
+def dct_ambient_loss(x0_hat, x_t, y, sigma_t, blur_t, sigma, blur, weight=None):
+    """Per-sample ambient loss [B] of the DCT blur + noise process (paper 004 Section 3): weight ||y_hat - y||^2,
+    y_hat = D^T (rho r D x_t + Lambda_n (1 - rho r^2) D x0_hat), rho = sigma^2/sigma_t^2; weight None means EDM's
+    w(sigma_t). The fused op works in DCT space and fuses d/d x0_hat into its forward pass."""
+    sigma_t, sigma, weight = _check_ambient_args("x0_hat", x0_hat, x_t, y, sigma_t, sigma, weight)
+    blur = checks.number("blur", blur)
+    blur_t = _check_per_sample("blur_t", blur_t, x0_hat)
+    weight = _edm.edm_weight(sigma_t) if weight is None else weight
+    if _ops_dct.can_fuse("dct_ambient_loss", x0_hat):  # else (fp64, a huge image) the reference
+        return _ops_dct.dct_ambient_loss(x0_hat, x_t, y, sigma_t, blur_t, weight, sigma, blur)
+    y_hat = _dct.dct_adjusted_prediction(x0_hat, x_t, sigma_t, blur_t, sigma, blur)
+    return weight * (y_hat - y).square().flatten(1).sum(1)
 
 
 def _check_dct_input(name, x):

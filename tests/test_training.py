@@ -299,3 +299,69 @@ def test_clamp_sampling_trains(precision, dtype, corruption):
     assert Pretrain(o, CONFIG, _data(o), CPU).step(0)[0]
     d = Distill(o, CONFIG, None, CPU, build_network(CONFIG).state_dict())
     assert math.isfinite(d.f_psi_step(0, 8, (8, 3, 32, 32)))
+
+
+@pytest.mark.parametrize("corruption", ["noise", "blur"])
+def test_training_loss_runs_the_public_ops_and_equals_the_reference_path(corruption):
+    """Phase I's loss as the trainer computes it now (corruption.inject_seeded: add_noise / dct_inject with the noise
+    drawn in the op, then precond_ambient_loss on the raw network output: ambient_loss_precond / dct_ambient_loss)
+    equals the plain-torch path it replaced (eps materialised from the same Philox stream, x0_hat = D(x_t), the
+    corruption's reference ambient loss) in fp64, loss and parameter gradients, over a round at an offset."""
+    from dsd_fast.corruption import Corruption
+    from dsd_fast.reference.philox import stream_normal
+    from dsd_fast.training.phase1 import ambient_training_loss
+
+    o = Options(preset="cpu-tiny", corruption=corruption, sigma=0.2, **({"blur": 0.8} if corruption == "blur" else {}))
+    cor = o.make_corruption()
+    net = build_network("cpu-tiny").double()
+    y = torch.randn(3, 3, 32, 32, dtype=torch.float64).clamp(-1, 1)
+    sigma_t = sample_sigma_t(o, random.getrandbits(48), 3, "cpu", dtype=torch.float64)
+    seed, offset = random.getrandbits(63), 5 * y[0].numel()
+    new = ambient_training_loss(net, cor, y, sigma_t, seed, offset, "fp64")
+    g_new = torch.autograd.grad(new.sum(), list(net.parameters()))
+    eps = stream_normal(seed, offset, tuple(y.shape), torch.float64)
+    x_t = cor.inject(y, sigma_t, eps)
+    old = Corruption.ambient_loss(cor, net(x_t, sigma_t), x_t, y, sigma_t)  # the generic reference formula
+    g_old = torch.autograd.grad(old.sum(), list(net.parameters()))
+    torch.testing.assert_close(new, old, rtol=1e-12, atol=0)
+    for a, b in zip(g_new, g_old, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """The dsd_fast:: ops a block of code dispatches (forward and backward), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dsd_fast":
+            self.seen.add(func._schema.name.split("::")[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("corruption", ["noise", "blur"])
+def test_fused_rung_steps_run_the_fused_ops(monkeypatch, corruption):
+    """What bench/test_bench_train.py's "+fused" rung claims: with the fused backend (the Triton kernels, interpreted
+    on the CPU) a Phase I step and a Phase II step (fake-score update and generator update) dispatch the fused
+    ops for injection, the ambient loss and the SiD loss, forward and backward. Nothing of the kind runs with the
+    reference backend (the eager rungs)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    o = _options(**_corruption(corruption))
+    config = resolve_config("cpu-tiny")
+    expect = ({"corrupt", "add_noise", "ambient_loss_precond", "ambient_loss_backward"}
+              if corruption == "noise" else {"dct_inject_seeded", "dct_ambient_loss"})
+    for backend, fused in (("triton", True), ("reference", False)):
+        monkeypatch.setenv("DSD_FAST_BACKEND", backend)
+        data = _data(o)
+        p1 = Pretrain(o, config, data, CPU)
+        with _OpCounter() as ops:
+            p1.step(0)
+        assert (expect <= ops.seen) if fused else not ops.seen, (backend, ops.seen)
+        d = Distill(o, config, data, CPU, p1.teacher_state())
+        with _OpCounter() as ops:
+            d.step(0)
+        want = expect | {"corrupt", "sid_generator_loss", "sid_generator_loss_backward"}
+        assert (want <= ops.seen) if fused else not ops.seen, (backend, ops.seen)

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ..reference.edm import precond
+from ..reference.edm import c_in, c_noise, precond
 from .presets import NetworkConfig, resolve_config
 from .unet import SongUNet
 
@@ -42,7 +42,10 @@ class EDMPrecond(nn.Module):
             F_x = F_x[:, :, lo:F_x.shape[2] - hi, lo:F_x.shape[3] - hi]
         return F_x.to(c_noise.dtype)
 
-    def forward(self, x, sigma):
+    def forward(self, x, sigma, raw=False):
+        """D(x; sigma); raw: the UNet's output F(c_in x; c_noise) alone (fp32), for a loss that applies the
+        preconditioning itself (functional.ambient_loss_precond). A flag, not a method, so DDP and
+        torch.compile wrappers pass it through."""
         R, C = self.img_resolution, self.img_channels
         if x.ndim != 4 or x.shape[1] != C or x.shape[2] != R or x.shape[3] != R:
             raise ValueError(f"x: expected shape [B, {C}, {R}, {R}], got {list(x.shape)}")
@@ -53,6 +56,8 @@ class EDMPrecond(nn.Module):
             sigma = sigma.expand(x.shape[0])
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma: expected a scalar or shape [{x.shape[0]}], got {list(sigma.shape)}")
+        if raw:
+            return self.F(c_in(sigma.reshape(-1, 1, 1, 1)) * x, c_noise(sigma))
         return precond(self.F, x, sigma)
 
 

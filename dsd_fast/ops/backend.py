@@ -6,9 +6,10 @@ falling back. Triton is eligible for CUDA tensors, and for CPU tensors only unde
 (the interpreter is a correctness tool, far too slow for real work).
 """
 
-import functools
 import importlib
 import os
+
+import torch
 
 BACKENDS = ("cuda_ext", "triton", "reference")
 
@@ -20,22 +21,28 @@ def requested():
     return name
 
 
-@functools.cache
+# Module-level caches, not functools.cache: torch.compile traces through a cache wrapper into importlib, which it
+# cannot trace (a graph break in every op). Filled on first use, and at import where a GPU is present, so a step
+# compiled from its first call never imports.
+_IMPORTED = {}
+
+
+def _optional(name):
+    if name not in _IMPORTED:
+        try:
+            _IMPORTED[name] = importlib.import_module(name)
+        except ImportError:
+            _IMPORTED[name] = None
+    return _IMPORTED[name]
+
+
 def _has_triton():
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
+    return _optional("triton") is not None
 
 
-@functools.cache
 def cuda_ext():
     """The compiled extension module dsd_fast._C, or None when it was not built."""
-    try:
-        return importlib.import_module("dsd_fast._C")
-    except ImportError:
-        return None
+    return _optional("dsd_fast._C")
 
 
 def _interpreting():
@@ -47,19 +54,19 @@ def why_not(backend, op, device):
     if backend == "reference":
         return None
     if backend == "triton":
-        if not _has_triton():
-            return "triton is not installed"
         if device.type != "cuda" and not _interpreting():
             return f"triton needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}"
+        if not _has_triton():
+            return "triton is not installed"
         return None
     if backend == "cuda_ext":
+        if device.type != "cuda":  # first: a CPU tensor never imports the extension (see _IMPORTED)
+            return f"the CUDA extension needs CUDA tensors, got device {device}"
         ext = cuda_ext()
         if ext is None:
             return "the CUDA extension dsd_fast._C was not built"
         if not hasattr(ext, op):
             return f"the CUDA extension has no kernel for {op}"
-        if device.type != "cuda":
-            return f"the CUDA extension needs CUDA tensors, got device {device}"
         return None
     raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
 
@@ -78,3 +85,7 @@ def choose(op, device, supported=BACKENDS):
         if why_not(backend, op, device) is None:
             return backend
     return "reference"
+
+
+if torch.cuda.is_available():  # see _IMPORTED
+    _has_triton(), cuda_ext()

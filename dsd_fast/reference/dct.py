@@ -2,12 +2,15 @@
 
 The heat equation with reflective (Neumann) borders, dX = 1/2 Laplacian X, has the DCT-II basis as its
 eigenvectors with eigenvalues -lambda_kl = -((pi k/H)^2 + (pi l/W)^2); running it to time b^2 is a
-Gaussian blur of std b pixels: X_b = D^T diag(exp(-lambda b^2/2)) D X.
+Gaussian blur of std b pixels: X_b = D^T diag(exp(-lambda b^2/2)) D X. The blur + noise process's injection
+and adjusted prediction (paper 004 Section 3) are diagonal in the same basis.
 """
 
 import math
 
 import torch
+
+from .edm import added_variance, blur_excess
 
 _dct_cache = {}
 
@@ -84,3 +87,26 @@ def dct_blur(x, b):
     b = _per_sample(b, x, "b")
     lam = blur_eigenvalues(x.shape[-2], x.shape[-1], x.dtype, x.device)
     return idct2(torch.exp(-0.5 * lam * b**2) * dct2(x))
+
+
+def _process(x, s, b_s, sigma, blur):
+    """(lambda [H, W], r = Lambda_s/Lambda_n, s, as [B, 1, 1, 1]) of the blur + noise process; r <= 1 by
+    construction (edm.blur_excess), never dividing by Lambda_n."""
+    lam = blur_eigenvalues(*x.shape[-2:], x.dtype, x.device)
+    s, b_s = s.to(x.dtype).reshape(-1, 1, 1, 1), b_s.to(x.dtype).reshape(-1, 1, 1, 1)
+    return lam, torch.exp(-0.5 * lam * blur_excess(b_s, blur)), s
+
+
+def dct_inject(y, eps, s, b_s, sigma, blur):
+    """X_s = D^T (r D y + sqrt(s^2 - r^2 sigma^2) D eps): the process at level s (blur std b_s [B]) from y."""
+    _, r, s = _process(y, s, b_s, sigma, blur)
+    return idct2(r * dct2(y) + added_variance(s, r, sigma).sqrt() * dct2(eps))
+
+
+def dct_adjusted_prediction(x0_hat, x_t, s, b_s, sigma, blur):
+    """y_hat = D^T (rho r D x_t + Lambda_n (1 - rho r^2) D x0_hat), rho = (sigma/s)^2 (not sigma^2/s^2: s^2 may
+    underflow where sigma/s does not)."""
+    lam, r, s = _process(x_t, s, b_s, sigma, blur)
+    rho = (sigma / s) ** 2
+    Lambda_n = torch.exp(-0.5 * lam * blur**2)
+    return idct2(rho * r * dct2(x_t) + Lambda_n * (1 - rho * r**2) * dct2(x0_hat))

@@ -1,6 +1,9 @@
 """Phase I: ambient-Tweedie pretraining of the teacher D_theta on corrupted data only (DSD Algorithm 2, Eq. 3;
 paper 004 Section 3 for blur + noise). One code path for every observation model, through the corruption
-object: x_t = corruption.inject(y, sigma_t, eps), loss = corruption.ambient_loss(D(x_t, sigma_t), x_t, y, sigma_t).
+object and the public fused ops under it: x_t = corruption.inject_seeded(y, sigma_t, seed, offset) (add_noise /
+dct_inject: the noise drawn in-kernel from the Philox stream of the step, at the global sample position),
+loss = corruption.precond_ambient_loss(F(x_t), x_t, y, sigma_t) on the raw network output (ambient_loss_precond
+for noise: EDM's preconditioning fused into the loss).
 """
 
 import contextlib
@@ -29,12 +32,19 @@ def sample_sigma_t(options, key, n, device, start=0, dtype=torch.float32):
     return sigma_truncated_lognormal(u, options.sigma)
 
 
-def ambient_training_loss(D, corruption, y, sigma_t, eps, precision):
-    """Per-sample ambient loss [B] of denoiser D on observations y at levels sigma_t with injection noise eps."""
-    x_t = corruption.inject(y, sigma_t, eps)
+def ambient_training_loss(D, corruption, y, sigma_t, seed, offset, precision):
+    """Per-sample ambient loss [B] of denoiser D (an EDMPrecond, or what wraps one) on observations y [B] at levels
+    sigma_t, the injection noise the Philox stream `seed` from flat element `offset` on."""
+    x_t = corruption.inject_seeded(y, sigma_t, seed, offset)
     with autocast(precision, y.device):
-        x0_hat = D(x_t, sigma_t)
-    return corruption.ambient_loss(x0_hat.to(y.dtype), x_t, y, sigma_t)
+        F_x = D(x_t, sigma_t, raw=True)
+    return corruption.precond_ambient_loss(F_x.to(y.dtype), x_t, y, sigma_t)
+
+
+def sample_offsets(n):
+    """Sample positions 0..n-1 of a rank's share, on the CPU: accumulate() splits them with the batch, and a
+    round's first position (start + j[0]) * CHW is its noise offset, read without a device sync."""
+    return torch.arange(n)
 
 
 def lr_at(options, lr, nimg):
@@ -108,10 +118,12 @@ class Pretrain:
         y = y.to(self.dtype)
         start = par.rank * n  # this rank's first sample in the step's global batch
         sigma_t = sample_sigma_t(o, derive_seed(o.seed, "sigma_t", k), n, dev, start, self.dtype)
-        eps = normal(derive_seed(o.seed, "eps", k), y.shape, dev, start, self.dtype)
+        seed, chw = derive_seed(o.seed, "eps", k), math.prod(y.shape[1:])
         self.opt.zero_grad(set_to_none=True)
-        loss_fn = lambda y_r, s_r, e_r: ambient_training_loss(self.D, self.corruption, y_r, s_r, e_r, o.precision)
-        total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, eps, no_sync=lambda: par.no_sync(self.trained))
+        loss_fn = lambda y_r, s_r, j_r: ambient_training_loss(self.D, self.corruption, y_r, s_r, seed,
+                                                              (start + int(j_r[0])) * chw, o.precision)
+        total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, sample_offsets(n),
+                           no_sync=lambda: par.no_sync(self.trained))
         loss = par.sum(total).item() / o.batch
         lr = lr_at(o, o.lr, (k + 1) * o.batch)
         finite = math.isfinite(loss)

@@ -25,7 +25,7 @@ from ..rundir import network_snapshot
 from ..sampling import one_step
 from .ema import EMA, ema_beta
 from .loop import autocast, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
-from .phase1 import accumulate, ambient_training_loss, grid_latents, sample_sigma_t, save_data_grid
+from .phase1 import accumulate, ambient_training_loss, grid_latents, sample_offsets, sample_sigma_t, save_data_grid
 
 
 def check_teacher(state, config, source):
@@ -110,13 +110,14 @@ class Distill:
         with torch.no_grad():
             z = normal(key("z_fake"), shape, dev, start, self.dtype)
             x_g = torch.cat([self.generate(z_r) for z_r in z.split(self.batch_gpu)])
-        y = self.corruption.A(x_g) + o.sigma * normal(key("eps_y"), shape, dev, start, self.dtype)
+        # The fused corrupt op keyed by global sample position: the stream normal(key("eps_y"), ...) would draw.
+        y = self.corruption.corrupt(x_g, key("eps_y"), torch.arange(start, start + n, device=dev))
         sigma_t = sample_sigma_t(o, key("sigma_fake"), n, dev, start, self.dtype)
-        eps = normal(key("eps_fake"), shape, dev, start, self.dtype)
+        seed, chw = key("eps_fake"), math.prod(shape[1:])
         self.f_psi_opt.zero_grad(set_to_none=True)
-        loss_fn = lambda y_r, s_r, e_r: ambient_training_loss(self.forward.f_psi_update, self.corruption, y_r, s_r,
-                                                              e_r, o.precision)
-        total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, eps,
+        loss_fn = lambda y_r, s_r, j_r: ambient_training_loss(self.forward.f_psi_update, self.corruption, y_r, s_r,
+                                                              seed, (start + int(j_r[0])) * chw, o.precision)
+        total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, sample_offsets(n),
                            no_sync=lambda: par.no_sync(self.synced.f_psi))
         return par.sum(total).item() / (n * par.world_size)
 
