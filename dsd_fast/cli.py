@@ -18,7 +18,7 @@ from .metrics.fid import RESIZE_MODES
 from .networks import PRESETS
 from .noise_level import estimate_dataset_noise
 from .ops import backend
-from .options import CORRUPTIONS, DISTILL_LOSSES, PRECISIONS, PRESET_DEFAULTS, SIGMA_SAMPLINGS, Options
+from .options import COMPILE_MODES, CORRUPTIONS, DISTILL_LOSSES, PRECISIONS, PRESET_DEFAULTS, SIGMA_SAMPLINGS, Options
 from .rundir import RunDir, load_checkpoint
 from .training import TrainingError
 from .training import train as run_training
@@ -115,7 +115,8 @@ _RUN_OPTIONS = [
     _option("batch", type=click.IntRange(min=1), help="Images per optimiser step."),
     _option("batch_gpu", type=click.IntRange(min=1), help="Images per forward/backward round.", unset="--batch"),
     _option("precision", type=_choice(PRECISIONS), help="Arithmetic (fp64: for verification runs)."),
-    _option("compile", "--compile/--no-compile", help="torch.compile the networks."),
+    _option("compile", "--compile/--no-compile", help="torch.compile each step's loss computation end to end."),
+    _option("compile_mode", type=_choice(COMPILE_MODES), help="torch.compile mode (reduce-overhead: CUDA graphs)."),
     _option("sigma_sampling", type=_choice(SIGMA_SAMPLINGS), help="Ambient sigma_t."),
     _option("seed", type=click.IntRange(min=0), help="Seed of every random draw."),
     _option("snapshot_kimg", type=_FLOAT, help="Network snapshot + last.pt + grids every N kimg."),

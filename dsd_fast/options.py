@@ -14,6 +14,7 @@ from .networks import PRESETS
 PHASE_ORDER = ("pretrain", "distill")
 CORRUPTIONS = ("noise", "blur")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
 SIGMA_SAMPLINGS = ("truncated", "clamp")
 DISTILL_LOSSES = ("sid", "dmd", "sds")
 
@@ -35,8 +36,8 @@ PRESET_DEFAULTS = {
 # full state dicts and every draw is keyed by global sample position.
 # The loader fields too: both loaders give the same batches.
 RESUMABLE = frozenset({"loader", "loader_memory_fraction", "loader_choice", "pretrain_kimg", "distill_kimg",
-                       "snapshot_kimg", "state_kimg", "keep", "log_every", "device", "compile", "max_nonfinite",
-                       "parallel", "fid_every_kimg", "fid_batch"})
+                       "snapshot_kimg", "state_kimg", "keep", "log_every", "device", "compile", "compile_mode",
+                       "max_nonfinite", "parallel", "fid_every_kimg", "fid_batch"})
 # The in-loop selection metric (selection.py): resumable only until the run has measured it, since its cached
 # reference stats and best.json are in its terms.
 FID_METRIC = frozenset({"fid_images", "fid_ref_images", "fid_mode"})
@@ -65,7 +66,8 @@ class Options:
     batch_gpu: int | None = None  # images per forward/backward round on one process; None: the whole batch
     parallel: str = "auto"  # under torchrun: ddp or fsdp (auto: ddp with several processes, none with one)
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool = False  # torch.compile each step's loss computation end to end (loop.compiled)
+    compile_mode: str = "default"  # torch.compile mode: default, max-autotune, reduce-overhead (CUDA graphs)
     device: str | None = None
     snapshot_kimg: float = 500.0  # network snapshot <phase>-<kimg>kimg.pt, last.pt and grids every N kimg
     state_kimg: float = 0.0  # also a kept full-state copy <phase>-<kimg>kimg-state.pt every N kimg; 0: last.pt only
@@ -124,6 +126,7 @@ class Options:
         choice("parallel", PARALLELS)
         choice("fid_mode", RESIZE_MODES)
         choice("loader", LOADERS)
+        choice("compile_mode", COMPILE_MODES)
         number("loader_memory_fraction", strict=True)
         if self.loader_memory_fraction > 1:
             raise ValueError(f"loader_memory_fraction: expected a number in (0, 1], got {self.loader_memory_fraction}")

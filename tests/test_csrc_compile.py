@@ -3,7 +3,7 @@ C++/CUDA error in the optional extension would only show on a GPU machine.
 
 The build is setup.py's own: its CUDAExtension (sources, flags) and build_ext class (torch's BuildExtension, with
 ninja) are taken from setup.py in a child process, and every translation unit is compiled to an object file,
-stopping before the link (the slow part, and a CPU torch wheel has no CUDA libraries to link). Nothing runs.
+stopping before the link (a CPU torch wheel has no CUDA libraries to link against). Nothing runs.
 What a CPU wheel and a pip-installed toolkit lack is supplied: torch.version.cuda and CUDA_HOME (setup.py and
 BuildExtension refuse a CPU torch), TORCH_CUDA_ARCH_LIST=9.0 (no GPU to ask), the CUDA torch build's generated
 c10/cuda/impl/cuda_cmake_macros.h (a define that matters only on Windows), and the cuBLAS/cuSPARSE/cuSOLVER headers
@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ class CompileOnly(kw["cmdclass"]["build_ext"]):
 
 dist = setuptools.Distribution({"name": "dsd-fast-csrc", "ext_modules": [ext], "cmdclass": {"build_ext": CompileOnly}})
 cmd = dist.get_command_obj("build_ext")
-cmd.build_temp, cmd.build_lib, cmd.force = build, os.path.join(build, "lib"), True
+cmd.build_temp, cmd.build_lib = build, os.path.join(build, "lib")
 dist.run_command("build_ext")
 print("compiled:", json.dumps(sorted(ext.sources)))
 """
@@ -87,7 +88,7 @@ def _nvcc():
                              text=True)
         top = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.M)
         assert top, f"{nvcc} --dryrun: no TOP=, cannot tell the CUDA home"
-        home = os.path.realpath(os.path.join(top.group(1).strip(), ".."))
+        home = os.path.realpath(top.group(1).strip())  # "<home>/bin/.."
     return nvcc, home, version.group(1)
 
 
@@ -128,7 +129,7 @@ def compile_csrc(root, build):
     include_dirs, missing = _header_dirs(cuda_home, version.split(".")[0])
     if missing:
         pytest.fail(f"CUDA {version} at {cuda_home} lacks {', '.join(missing)} (included by ATen/cuda/CUDAContext.h); "
-                    f"install them with: {PIP_INSTALL}", pytrace=False)
+                    f"for CUDA 13 install them with: {PIP_INSTALL}", pytrace=False)
     cfg = {"arch": ARCH, "cuda_version": version, "cuda_home": cuda_home,
            "include_dirs": include_dirs + _shim_dirs(build)}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(root), str(build), json.dumps(cfg)],
@@ -136,16 +137,35 @@ def compile_csrc(root, build):
     return proc.returncode, proc.stdout
 
 
-def failure_report(log, context=2, limit=80):
-    """The compiler's error lines (with the source line and caret nvcc prints after each), else the log's tail."""
+# A compiler's error line: nvcc's "file(12): error: ...", gcc's "file:12:3: error: ..." (or "fatal error").
+ERROR = re.compile(r"^(?P<file>\S.*?)(?:\(\d+\)|:\d+(?::\d+)?): (?:fatal )?error\b")
+
+
+def failure_report(log, per_file=6, width=200):
+    """The compiler's first errors in each file, each with the source line and caret after it (macro expansions
+    clipped to width), and nvcc's error count; without any, the log's last lines (ninja, nvcc fatal, traceback)."""
+    clip = lambda line: line if len(line) <= width else line[:width] + " ..."
     lines = log.splitlines()
-    keep = set()
+    out, shown, hidden, seen = [], Counter(), Counter(), set()
     for i, line in enumerate(lines):
-        if re.search(r"\berror\b|^FAILED:", line, re.I) and not line.startswith("[") and len(line) < 2000:
-            keep.update(range(i, min(i + context + 1, len(lines))))
-    picked = [lines[i] for i in sorted(keep)] or lines[-40:]
-    picked = [line if len(line) <= 300 else line[:300] + " ..." for line in picked][:limit]
-    return "\n".join(picked)
+        m = ERROR.match(line)
+        if m is None:
+            if re.search(r"errors? detected in the compilation of|^nvcc fatal", line):
+                out.append(clip(line))
+            continue
+        if shown[m["file"]] == per_file or line in seen:  # a dispatch macro repeats its errors per dtype
+            hidden[m["file"]] += 1
+            continue
+        shown[m["file"]] += 1
+        seen.add(line)
+        out.append(clip(line))
+        for nxt in lines[i + 1:i + 3]:  # the source line and its caret, as both compilers print them
+            if not nxt.strip() or ERROR.match(nxt):
+                break
+            if len(nxt) <= width or set(nxt.strip()) - set("^~|0123456789 "):
+                out.append(clip(nxt))
+    out += [f"... and {n} more errors in {f}" for f, n in hidden.items()]
+    return "\n".join(out or map(clip, lines[-40:]))
 
 
 def _symbols(obj, *flags):

@@ -55,6 +55,11 @@ def compute_dtype(precision):
     return torch.float64 if precision == "fp64" else torch.float32
 
 
+def compiled(options, fn):
+    """fn under torch.compile with options.compile_mode when options.compile, else fn itself."""
+    return torch.compile(fn, mode=options.compile_mode) if options.compile else fn
+
+
 def seed_dropout(seed, step, rank):
     """Reseed the global torch RNG (dropout) from (seed, step, rank)."""
     torch.manual_seed(derive_seed(seed, "dropout", step, rank))

@@ -18,7 +18,7 @@ from ..reference.edm import above, sigma_clamp, sigma_truncated_lognormal
 from ..rundir import network_snapshot
 from ..sampling import ambient_sample, dct_ode_sample
 from .ema import EMA, ema_beta
-from .loop import autocast, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
+from .loop import autocast, compiled, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
 
 
 def sample_sigma_t(options, key, n, device, start=0, dtype=torch.float32):
@@ -32,10 +32,19 @@ def sample_sigma_t(options, key, n, device, start=0, dtype=torch.float32):
     return sigma_truncated_lognormal(u, options.sigma)
 
 
-def ambient_training_loss(D, corruption, y, sigma_t, seed, offset, precision):
+def ambient_training_loss(D, corruption, y, sigma_t, seed, offset, precision, net_loss=None):
     """Per-sample ambient loss [B] of denoiser D (an EDMPrecond, or what wraps one) on observations y [B] at levels
-    sigma_t, the injection noise the Philox stream `seed` from flat element `offset` on."""
+    sigma_t, the injection noise the Philox stream `seed` from flat element `offset` on. net_loss: network_loss
+    (possibly compiled) to use; the injection stays outside it (one fused op, and its seed and offset change every
+    step: a compiled graph would specialise on them)."""
     x_t = corruption.inject_seeded(y, sigma_t, seed, offset)
+    if net_loss is None:
+        return network_loss(D, corruption, x_t, y, sigma_t, precision)
+    return net_loss(x_t, y, sigma_t)
+
+
+def network_loss(D, corruption, x_t, y, sigma_t, precision):
+    """The part of the ambient loss after the injection: raw network output, then the fused preconditioned loss."""
     with autocast(precision, y.device):
         F_x = D(x_t, sigma_t, raw=True)
     return corruption.precond_ambient_loss(F_x.to(y.dtype), x_t, y, sigma_t)
@@ -83,7 +92,10 @@ class Pretrain:
         self.ema = EMA(self.net, self.par.average)
         self.trained = self.par.wrap(self.net)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
-        self.D = torch.compile(self.trained) if options.compile else self.trained
+        self.D = self.trained
+        # --compile: network, preconditioning and fused loss (and their backward) as one compiled graph.
+        self.net_loss = compiled(options, lambda x_t, y, s: network_loss(self.trained, self.corruption, x_t, y, s,
+                                                                      options.precision))
         self.completed = 0
         self.nonfinite = 0
 
@@ -121,7 +133,7 @@ class Pretrain:
         seed, chw = derive_seed(o.seed, "eps", k), math.prod(y.shape[1:])
         self.opt.zero_grad(set_to_none=True)
         loss_fn = lambda y_r, s_r, j_r: ambient_training_loss(self.D, self.corruption, y_r, s_r, seed,
-                                                              (start + int(j_r[0])) * chw, o.precision)
+                                                              (start + int(j_r[0])) * chw, o.precision, self.net_loss)
         total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, sample_offsets(n),
                            no_sync=lambda: par.no_sync(self.trained))
         loss = par.sum(total).item() / o.batch

@@ -24,8 +24,16 @@ from ..reference.edm import karras_sigma, karras_t
 from ..rundir import network_snapshot
 from ..sampling import one_step
 from .ema import EMA, ema_beta
-from .loop import autocast, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
-from .phase1 import accumulate, ambient_training_loss, grid_latents, sample_offsets, sample_sigma_t, save_data_grid
+from .loop import autocast, compiled, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
+from .phase1 import (
+    accumulate,
+    ambient_training_loss,
+    grid_latents,
+    network_loss,
+    sample_offsets,
+    sample_sigma_t,
+    save_data_grid,
+)
 
 
 def check_teacher(state, config, source):
@@ -67,11 +75,15 @@ class Distill:
         adam = dict(lr=options.g_lr, betas=(0.0, 0.999), eps=1e-8)  # SiD: no first-moment momentum
         self.f_psi_opt = torch.optim.Adam(self.f_psi.parameters(), **adam)
         self.G_opt = torch.optim.Adam(self.G.parameters(), **adam)
-        # The forward calls (compiled with --compile). Inside the generator step f_psi is frozen and called outside
-        # DDP, whose reducer would wait for its gradients; its own update calls the synced wrapper.
-        wrap = torch.compile if options.compile else (lambda m: m)
-        self.forward = types.SimpleNamespace(f_phi=wrap(self.f_phi), f_psi=wrap(self.f_psi),
-                                             f_psi_update=wrap(self.synced.f_psi), G=wrap(self.synced.G))
+        # The forward calls. Inside the generator step f_psi is frozen and called outside DDP, whose reducer would
+        # wait for its gradients; its own update calls the synced wrapper.
+        self.forward = types.SimpleNamespace(f_phi=self.f_phi, f_psi=self.f_psi, f_psi_update=self.synced.f_psi,
+                                             G=self.synced.G)
+        # --compile: each step's loss end to end: the fake score's network + loss, and the whole generator loss
+        # (G, the injection at the step's levels, both score nets, the SiD / DMD / SDS loss) with their backward.
+        self.f_psi_loss = compiled(options, lambda x_t, y, s: network_loss(self.synced.f_psi, self.corruption, x_t, y,
+                                                                        s, options.precision))
+        self.generator_loss_fn = compiled(options, self.generator_loss)
         self.completed = 0
         self.nonfinite = 0
 
@@ -116,7 +128,8 @@ class Distill:
         seed, chw = key("eps_fake"), math.prod(shape[1:])
         self.f_psi_opt.zero_grad(set_to_none=True)
         loss_fn = lambda y_r, s_r, j_r: ambient_training_loss(self.forward.f_psi_update, self.corruption, y_r, s_r,
-                                                              seed, (start + int(j_r[0])) * chw, o.precision)
+                                                              seed, (start + int(j_r[0])) * chw, o.precision,
+                                                              self.f_psi_loss)
         total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, sample_offsets(n),
                            no_sync=lambda: par.no_sync(self.synced.f_psi))
         return par.sum(total).item() / (n * par.world_size)
@@ -146,7 +159,7 @@ class Distill:
         self.G_opt.zero_grad(set_to_none=True)
         self.f_psi.eval().requires_grad_(False)
         try:
-            total = accumulate(self.generator_loss, n, self.batch_gpu, z, sigma_t, eps,
+            total = accumulate(self.generator_loss_fn, n, self.batch_gpu, z, sigma_t, eps,
                                no_sync=lambda: par.no_sync(self.synced.G))
             return par.sum(total).item() / (n * par.world_size)
         finally:
