@@ -18,7 +18,16 @@ from .metrics.fid import RESIZE_MODES
 from .networks import PRESETS
 from .noise_level import estimate_dataset_noise
 from .ops import backend
-from .options import COMPILE_MODES, CORRUPTIONS, DISTILL_LOSSES, PRECISIONS, PRESET_DEFAULTS, SIGMA_SAMPLINGS, Options
+from .options import (
+    COMPILE_MODES,
+    CORRUPTIONS,
+    DISTILL_LOSSES,
+    OBSERVATION_SIGMA,
+    PRECISIONS,
+    PRESET_DEFAULTS,
+    SIGMA_SAMPLINGS,
+    Options,
+)
 from .rundir import RunDir, load_checkpoint
 from .training import TrainingError
 from .training import train as run_training
@@ -84,18 +93,19 @@ _FLOAT = click.FLOAT
 AUTO = "auto"
 
 
-class _Sigma(click.ParamType):
-    """A float, or 'auto': estimated from the data set at the start of a new run."""
+class _FloatOr(click.ParamType):
+    """A float, or one word (sigma's 'auto': estimated from the data; g_sigma_min's 'sigma': the observation sigma)."""
 
-    name = "FLOAT|auto"
+    def __init__(self, word):
+        self.word, self.name = word, f"FLOAT|{word}"
 
     def convert(self, value, param, ctx):
-        if value == AUTO:
+        if value == self.word:
             return value
         return _FLOAT.convert(value, param, ctx)
 
 
-_SIGMA = _Sigma()
+_SIGMA = _FloatOr(AUTO)
 _RUN_OPTIONS = [
     _option("dataset", metavar="NAME|PATH", help="Data set: preset name ($DSD_FAST_DATA/<name>) or a path."),
     _option("data", metavar="PATH", help="Explicit path for a preset data set name."),
@@ -107,8 +117,9 @@ _RUN_OPTIONS = [
     _option("loader_memory_fraction", type=_FLOAT, help="auto: keep the data resident if it fits in this fraction "
                                                         "of the free device memory."),
     _option("corruption", type=_choice(CORRUPTIONS), help="Observation model."),
-    _option("sigma", type=_SIGMA, help="Observation noise std (images in [-1, 1]); 'auto' (with --noisy-data): "
-                                       "estimate it from the data set (see estimate-sigma)."),
+    _option("sigma", type=_SIGMA, metavar=f"FLOAT|{AUTO}",
+            help="Observation noise std (images in [-1, 1]); 'auto' (with --noisy-data): estimate it from the data "
+                 "set (see estimate-sigma)."),
     _option("blur", type=_FLOAT, help="Blur std in pixels (--corruption blur)."),
     _option("blur_schedule", type=_choice(BLUR_SCHEDULES), help="Blur schedule of the process."),
     _option("preset", type=_choice(PRESETS), help="Network preset."),
@@ -150,6 +161,9 @@ _DISTILL_OPTIONS = [
     _option("g_lr", type=_FLOAT, help="Generator and fake-score learning rate."),
     _option("sigma_init", type=_FLOAT, help="Generator level sigma_init."),
     _option("t_max", type=_FLOAT, help="Generator-step t_max (of 1000)."),
+    _option("g_sigma_min", type=_FloatOr(OBSERVATION_SIGMA), metavar=f"FLOAT|{OBSERVATION_SIGMA}",
+            help="Generator-step Karras sigma_min; 'sigma': the observation sigma, the lowest level the ambient "
+                 "teacher learnt."),
     _option("g_ema_halflife_kimg", type=_FLOAT, help="Generator EMA half-life."),
 ]
 # Fields a distill run takes from its teacher's options.json unless given.

@@ -10,12 +10,14 @@ from .data.dali import LOADERS
 from .distributed import PARALLELS
 from .metrics.fid import RESIZE_MODES
 from .networks import PRESETS
+from .reference.edm import KARRAS_SIGMA_MAX
 
 PHASE_ORDER = ("pretrain", "distill")
 CORRUPTIONS = ("noise", "blur")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
 SIGMA_SAMPLINGS = ("truncated", "clamp")
+OBSERVATION_SIGMA = "sigma"  # g_sigma_min's name for the observation sigma
 DISTILL_LOSSES = ("sid", "dmd", "sds")
 
 # Per-preset defaults: EDM (batch 512, lr 1e-3 at 32^2; 2e-4 at 64^2 with batch 256 as EDM's AFHQ/FFHQ runs),
@@ -97,6 +99,10 @@ class Options:
     g_lr: float | None = None  # generator lr; the fake score uses the same (SiD)
     sigma_init: float = 2.5
     t_max: float = 800.0
+    # Generator-step levels: SiD's Karras schedule with this sigma_min (SiD: 0.002). OBSERVATION_SIGMA ("sigma") uses
+    # the observation sigma: the ambient teacher only learnt sigma_t > sigma in Phase I, and with 0.002 about a third
+    # of the generator steps query it at levels it never saw.
+    g_sigma_min: float | str = 0.002
     g_ema_halflife_kimg: float = 500.0
 
     def __post_init__(self):
@@ -136,6 +142,13 @@ class Options:
         for name in ("lr", "g_lr", "sigma_init", "snapshot_kimg", "t_max"):
             number(name, strict=True)
         number("alpha", low=-math.inf)
+        if isinstance(self.g_sigma_min, str) and self.g_sigma_min != OBSERVATION_SIGMA:
+            raise ValueError(f"g_sigma_min: expected a number or {OBSERVATION_SIGMA!r}, got {self.g_sigma_min!r}")
+        if self.g_sigma_min != OBSERVATION_SIGMA:
+            number("g_sigma_min", strict=True)
+        if not 0 < self.generator_sigma_min() < KARRAS_SIGMA_MAX:
+            raise ValueError(f"g_sigma_min: expected a level in (0, {KARRAS_SIGMA_MAX}) or {OBSERVATION_SIGMA!r} with "
+                             f"sigma > 0, got {self.g_sigma_min!r} (sigma={self.sigma})")
         number("fid_every_kimg")
         number("state_kimg")
         for name in ("batch", "batch_gpu", "log_every", "sample_steps", "max_nonfinite", "fid_batch"):
@@ -159,6 +172,10 @@ class Options:
             raise ValueError(f"sigma_estimate: expected None or a dict (a NoiseEstimate record), got "
                              f"{type(self.sigma_estimate).__name__}")
         self.make_corruption()  # validates the schedule against sigma
+
+    def generator_sigma_min(self):
+        """The generator step's Karras sigma_min as a number (OBSERVATION_SIGMA resolved to sigma)."""
+        return self.sigma if self.g_sigma_min == OBSERVATION_SIGMA else self.g_sigma_min
 
     def make_corruption(self):
         if self.corruption == "blur":

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from dsd_fast.cli import main
 from dsd_fast.data import GPUData
 from dsd_fast.networks import PRESETS, build_network, resolve_config
+from dsd_fast.reference.edm import karras_sigma
 from dsd_fast.rundir import load_checkpoint, to_uint8_grid
 from dsd_fast.sampling import one_step
 from dsd_fast.training import Distill, Options, Pretrain, TrainingError, train
@@ -365,3 +366,38 @@ def test_fused_rung_steps_run_the_fused_ops(monkeypatch, corruption):
             d.step(0)
         want = expect | {"corrupt", "sid_generator_loss", "sid_generator_loss_backward"}
         assert (want <= ops.seen) if fused else not ops.seen, (backend, ops.seen)
+
+
+@pytest.mark.parametrize("g_sigma_min", ["sigma", 0.5, 0.002])
+def test_generator_levels_respect_g_sigma_min(g_sigma_min):
+    """Every generator-step level is >= the floor (g_sigma_min; "sigma": the observation sigma) and within the Karras
+    schedule's t_max cap; with SiD's 0.002 some levels fall below the observation sigma."""
+    o = _options(sigma=0.2, g_sigma_min=g_sigma_min)
+    d = Distill(o, CONFIG, None, CPU, build_network(CONFIG).state_dict())
+    dummy = torch.zeros((), requires_grad=True)
+    seen = []
+
+    def record(z, sigma_t, eps):
+        seen.append(sigma_t.detach().clone())
+        return dummy + 0 * sigma_t
+
+    d.generator_loss_fn = record
+    n = 512
+    for k in range(2):
+        d.generator_step(k, n, (n, 3, 32, 32))
+    levels = torch.cat(seen).double()
+    floor = o.sigma if g_sigma_min == "sigma" else g_sigma_min
+    assert levels.numel() == 2 * n
+    assert levels.min() >= floor * (1 - 1e-6)
+    cap = karras_sigma(torch.tensor(o.t_max / 1000, dtype=torch.float64), sigma_min=floor)
+    assert levels.max() <= cap * 1.000001
+    assert ((levels < o.sigma).any()) == (floor < o.sigma)
+
+
+def test_g_sigma_min_is_validated():
+    assert _options(sigma=0.3, g_sigma_min="sigma").generator_sigma_min() == 0.3
+    for bad in ("observation", 0, -0.1, float("nan"), 80.0):
+        with pytest.raises(ValueError, match="g_sigma_min"):
+            _options(g_sigma_min=bad)
+    with pytest.raises(ValueError, match="g_sigma_min"):
+        _options(sigma=0.0, g_sigma_min="sigma")

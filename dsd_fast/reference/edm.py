@@ -86,7 +86,10 @@ def sigma_clamp(u, sigma, P_mean=P_MEAN, P_std=P_STD):
     return sigma_lognormal(u, P_mean, P_std).clamp(min=sigma)
 
 
-def karras_sigma(t, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+KARRAS_SIGMA_MAX = 80.0
+
+
+def karras_sigma(t, sigma_min=0.002, sigma_max=KARRAS_SIGMA_MAX, rho=7.0):
     """SiD's schedule sigma(t) = (sigma_max^(1/rho) + (1 - t)(sigma_min^(1/rho) - sigma_max^(1/rho)))^rho:
     t = 0 gives sigma_min, t = 1 gives sigma_max (t_max = 800 caps sigma near 24.4)."""
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)

@@ -7,8 +7,9 @@ its own ambient update (dropout regularises it as in Phase I) and in eval mode, 
 inside the generator step, so f_phi and f_psi are evaluated alike there. G is in train mode for both steps
 (it is trained), its EMA is evaluated in eval mode for grids and checkpoints.
 
-Generator-step levels follow SiD's Karras/t_max schedule unchanged (DESIGN.md); they include sigma_t below
-the observation sigma, which the ambient teacher never saw during Phase I.
+Generator-step levels follow SiD's Karras/t_max schedule (DESIGN.md) with sigma_min = options.g_sigma_min: SiD's
+0.002 by default, which includes sigma_t below the observation sigma that the ambient teacher never saw during
+Phase I; g_sigma_min="sigma" keeps every generator level >= sigma.
 """
 
 import copy
@@ -154,7 +155,8 @@ class Distill:
         key = lambda purpose: derive_seed(o.seed, purpose, k)
         start = par.rank * n
         z = normal(key("z_gen"), shape, dev, start, self.dtype)
-        sigma_t = karras_sigma(karras_t(uniform(key("t_gen"), n, dev, start).to(self.dtype), o.t_max))
+        t = karras_t(uniform(key("t_gen"), n, dev, start).to(self.dtype), o.t_max)
+        sigma_t = karras_sigma(t, sigma_min=o.generator_sigma_min())
         eps = normal(key("eps_gen"), shape, dev, start, self.dtype)
         self.G_opt.zero_grad(set_to_none=True)
         self.f_psi.eval().requires_grad_(False)
