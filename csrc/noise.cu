@@ -1,7 +1,7 @@
 // Fused Philox noise ops: one read of the input, one write of the output, noise made in registers.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <torch/types.h>  // not extension.h: no pybind11 or C++ frontend needed here (halves the compile)
 
 #include "philox.cuh"
 
