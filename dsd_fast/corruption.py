@@ -9,11 +9,10 @@ rho = Psi_n^2/Psi_s^2:
     adjusted_prediction:  Y_n^  = rho r Y_s + Lambda_n (1 - rho r^2) D x0_hat.
 """
 
-
 import torch
 
 from dsd_fast import checks, functional
-from dsd_fast.reference.dct import blur_eigenvalues, dct2, dct_adjusted_prediction, dct_blur, idct2
+from dsd_fast.reference.dct import blur_eigenvalues, dct_adjusted_prediction, dct_blur, dct_inject
 from dsd_fast.reference.edm import added_variance, blur_excess, c_out, c_skip, edm_weight
 from dsd_fast.reference.losses import ambient_prediction
 
@@ -201,8 +200,7 @@ class BlurNoiseCorruption(Corruption):
         _check_images("y", y, ("eps", eps))
         s = _check_s(s, y)
         self._check_inject(s)
-        r = self._r(s, *y.shape[-2:])
-        return idct2(r * dct2(y) + added_variance(_col(s), r, self.sigma).sqrt() * dct2(eps))
+        return dct_inject(y, eps, s, self.b(s).reshape(-1), self.sigma, self.blur)
 
     def inject_seeded(self, y, s, seed, offset=0):
         """inject with eps the Philox stream (seed, offset + flat element index), drawn inside the fused op."""

@@ -5,7 +5,7 @@ import math
 import torch
 
 from ..data import DALIData, GPUData, choose_loader, dataset_shape, load_images, resolve_source
-from ..distributed import launch
+from ..distributed import Parallel, launch
 from ..networks import resolve_config
 from ..options import PHASE_ORDER, Options
 from ..rundir import RunDir, load_checkpoint
@@ -28,9 +28,9 @@ def load_data(options, config, device, par=None, start_step=0):
     source = resolve_source(options.dataset, options.data)
     shape = dict(resolution=config.img_resolution, channels=config.in_channels, max_images=options.max_images)
     free = torch.cuda.mem_get_info(device)[0] if torch.device(device).type == "cuda" else None
-    n_images, *chw = dataset_shape(source, **shape)
+    size = math.prod(dataset_shape(source, **shape)) if options.loader == "auto" else 0  # only auto weighs it
     try:
-        kind, reason = choose_loader(options.loader, n_images * math.prod(chw), free, options.loader_memory_fraction)
+        kind, reason = choose_loader(options.loader, size, free, options.loader_memory_fraction)
     except ImportError as e:  # --loader dali without DALI: a usage error, said as such
         raise ValueError(str(e)) from e
     options.loader_choice = f"{kind}: {reason}"
@@ -38,10 +38,10 @@ def load_data(options, config, device, par=None, start_step=0):
     common = dict(device=device, corruption=corruption, seed=options.seed, noisy=options.noisy_data,
                   xflip=options.xflip)
     if kind == "dali":
-        rank, world_size = (par.rank, par.world_size) if par is not None else (0, 1)
-        n = options.batch // world_size
-        return DALIData(source, batch_size=n, rank=rank, world_size=world_size, start_step=start_step, **shape,
-                        **common)
+        par = Parallel(device) if par is None else par
+        n, _ = par.batch_split(options.batch, options.batch_gpu)  # the share Pretrain.step asks for
+        return DALIData(source, batch_size=n, rank=par.rank, world_size=par.world_size, start_step=start_step,
+                        **shape, **common)
     return GPUData(load_images(source, **shape), **common)
 
 

@@ -92,7 +92,6 @@ class Pretrain:
         self.ema = EMA(self.net, self.par.average)
         self.trained = self.par.wrap(self.net)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
-        self.D = self.trained
         # --compile: network, preconditioning and fused loss (and their backward) as one compiled graph.
         self.net_loss = compiled(options, lambda x_t, y, s: network_loss(self.trained, self.corruption, x_t, y, s,
                                                                       options.precision))
@@ -132,7 +131,7 @@ class Pretrain:
         sigma_t = sample_sigma_t(o, derive_seed(o.seed, "sigma_t", k), n, dev, start, self.dtype)
         seed, chw = derive_seed(o.seed, "eps", k), math.prod(y.shape[1:])
         self.opt.zero_grad(set_to_none=True)
-        loss_fn = lambda y_r, s_r, j_r: ambient_training_loss(self.D, self.corruption, y_r, s_r, seed,
+        loss_fn = lambda y_r, s_r, j_r: ambient_training_loss(self.trained, self.corruption, y_r, s_r, seed,
                                                               (start + int(j_r[0])) * chw, o.precision, self.net_loss)
         total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, sample_offsets(n),
                            no_sync=lambda: par.no_sync(self.trained))

@@ -76,10 +76,6 @@ class Distill:
         adam = dict(lr=options.g_lr, betas=(0.0, 0.999), eps=1e-8)  # SiD: no first-moment momentum
         self.f_psi_opt = torch.optim.Adam(self.f_psi.parameters(), **adam)
         self.G_opt = torch.optim.Adam(self.G.parameters(), **adam)
-        # The forward calls. Inside the generator step f_psi is frozen and called outside DDP, whose reducer would
-        # wait for its gradients; its own update calls the synced wrapper.
-        self.forward = types.SimpleNamespace(f_phi=self.f_phi, f_psi=self.f_psi, f_psi_update=self.synced.f_psi,
-                                             G=self.synced.G)
         # --compile: each step's loss end to end: the fake score's network + loss, and the whole generator loss
         # (G, the injection at the step's levels, both score nets, the SiD / DMD / SDS loss) with their backward.
         self.f_psi_loss = compiled(options, lambda x_t, y, s: network_loss(self.synced.f_psi, self.corruption, x_t, y,
@@ -112,7 +108,7 @@ class Distill:
 
     def generate(self, z):
         with autocast(self.options.precision, z.device):
-            return one_step(self.forward.G, z, self.options.sigma_init).to(z.dtype)
+            return one_step(self.synced.G, z, self.options.sigma_init).to(z.dtype)
 
     def f_psi_step(self, k, n, shape):
         """Update f_psi with the Phase I loss on generated images corrupted like the data: y~ = A x_g + sigma eps.
@@ -128,7 +124,7 @@ class Distill:
         sigma_t = sample_sigma_t(o, key("sigma_fake"), n, dev, start, self.dtype)
         seed, chw = key("eps_fake"), math.prod(shape[1:])
         self.f_psi_opt.zero_grad(set_to_none=True)
-        loss_fn = lambda y_r, s_r, j_r: ambient_training_loss(self.forward.f_psi_update, self.corruption, y_r, s_r,
+        loss_fn = lambda y_r, s_r, j_r: ambient_training_loss(self.synced.f_psi, self.corruption, y_r, s_r,
                                                               seed, (start + int(j_r[0])) * chw, o.precision,
                                                               self.f_psi_loss)
         total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, sample_offsets(n),
@@ -141,8 +137,10 @@ class Distill:
         x_g = self.generate(z)
         x_t = self.corruption.forward(x_g, sigma_t, eps)
         with autocast(self.options.precision, z.device):
-            f_phi = self.forward.f_phi(x_t, sigma_t).to(x_t.dtype)
-            f_psi = self.forward.f_psi(x_t, sigma_t).to(x_t.dtype)
+            f_phi = self.f_phi(x_t, sigma_t).to(x_t.dtype)
+            # f_psi is frozen here and called outside DDP, whose reducer would wait for its gradients; its own
+            # update (f_psi_step) calls the synced wrapper.
+            f_psi = self.f_psi(x_t, sigma_t).to(x_t.dtype)
         if self.options.loss == "sid":
             return functional.sid_generator_loss(f_phi, f_psi, x_g, self.options.alpha)
         if self.options.loss == "dmd":
