@@ -15,18 +15,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from runs import invoke, ok
+from runs import assert_uint8_matches, invoke, ok
 
 import dsd_fast.evaluation.features as features_module
 from dsd_fast.cli import main
 from dsd_fast.corruption import BlurNoiseCorruption, NoiseCorruption
 from dsd_fast.data import to_float, to_uint8
 from dsd_fast.evaluation import data_features, fid_from_features, proximal_corrupt, save_reference
-from dsd_fast.generation import load_sampler
+from dsd_fast.generation import load_sampler, seed_latents, split_seeds
 from dsd_fast.metrics import InceptionFeatures, feature_stats, load_inception, load_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_DATA = 12
+RECORD = "DSD_FAST_TEST_RECORD"  # where the torchrun ranks of test_fid_torchrun save their images
 
 
 def cheap_features(images):
@@ -156,22 +157,23 @@ def refs(run, tmp_path_factory):
 
 
 def test_fid_repeats_seed_ranges(cheap, run, refs, tmp_path):
-    """Repeat r measures exactly the images of seeds r*num .. (r+1)*num - 1; mean ± sample std; the same numbers
-    again at another batch size."""
+    """Repeat r measures exactly the images of seeds r*num .. (r+1)*num - 1; mean ± sample std; the same images
+    again at another batch size (up to a rounding flip: see runs.TOL)."""
     run_dir, _ = run
     clean, _ = refs
     out = ok("fid", "--ckpt", run_dir, "--ref", clean, "--num", 3, "--repeats", 3, "--batch", 2,
              "--json", tmp_path / "a.json")
     sampler = load_sampler(run_dir)
-    expected = sampler.images(range(9))
-    assert cheap.images().equal(expected)  # seeds 0-2, 3-5, 6-8 in order: disjoint
-    assert len({bytes(im.numpy()) for im in expected}) == 9
+    x = sampler(seed_latents(range(9), sampler.chw))
+    seen = cheap.images()
+    assert_uint8_matches(seen, x)  # seeds 0-2, 3-5, 6-8 in order: disjoint
+    assert len({bytes(im.numpy()) for im in seen}) == 9
     result = json.load(open(tmp_path / "a.json"))
     assert [r["seeds"] for r in result["repeats"]] == ["0-2", "3-5", "6-8"]
     fids = [r["fid"] for r in result["repeats"]]
     ref = load_stats(clean)
     for k, fid in enumerate(fids):
-        assert fid == pytest.approx(fid_from_features(cheap_features(expected[3 * k:3 * k + 3]), ref), rel=1e-9)
+        assert fid == pytest.approx(fid_from_features(cheap_features(seen[3 * k:3 * k + 3]), ref), rel=1e-9)
     assert result["mean"] == pytest.approx(statistics.fmean(fids)) and result["metric"] == "fid"
     assert result["std"] == pytest.approx(statistics.stdev(fids))
     assert f"{result['mean']:.4f} ± {result['std']:.4f}" in out and "0-2" in out and "6-8" in out
@@ -179,11 +181,15 @@ def test_fid_repeats_seed_ranges(cheap, run, refs, tmp_path):
 
     ok("fid", "--ckpt", run_dir, "--ref", clean, "--num", 3, "--repeats", 3, "--batch", 5,
        "--json", tmp_path / "b.json")
-    assert [r["fid"] for r in json.load(open(tmp_path / "b.json"))["repeats"]] == pytest.approx(fids, rel=1e-9)
+    seen = cheap.images()[9:]
+    assert_uint8_matches(seen, x)
+    for k, r in enumerate(json.load(open(tmp_path / "b.json"))["repeats"]):
+        assert r["fid"] == pytest.approx(fid_from_features(cheap_features(seen[3 * k:3 * k + 3]), ref), rel=1e-9)
 
     out = ok("fid", "--ckpt", run_dir, "--ref", clean, "--num", 3, "--repeats", 1, "--json", tmp_path / "c.json")
     single = json.load(open(tmp_path / "c.json"))
-    assert single["std"] is None and single["mean"] == pytest.approx(fids[0], rel=1e-9) and "±" not in out
+    assert single["std"] is None and "±" not in out
+    assert single["mean"] == pytest.approx(fid_from_features(cheap_features(cheap.images()[18:]), ref), rel=1e-9)
 
 
 def test_fid_proximal(cheap, run, refs, tmp_path):
@@ -237,12 +243,14 @@ def test_proximal_fid_halves_real_inception(tmp_path):
 # ---------------------------------------------------------------- torchrun
 
 def test_fid_torchrun(cheap, run, refs, tmp_path):
-    """2 processes split the seeds and give the 1-process numbers (this file is the launched script: __main__)."""
+    """2 processes split the seeds (split_seeds) and measure the images of the 1-process run; their features are
+    gathered before the FID (this file is the launched script: __main__, recording each rank's images)."""
     run_dir, _ = run
     clean, _ = refs
     args = ["fid", "--ckpt", run_dir, "--ref", clean, "--num", 3, "--repeats", 2, "--batch", 1, "--device", "cpu"]
     ok(*args, "--json", tmp_path / "one.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": "",
+           RECORD: str(tmp_path)}
     # "--" ends torchrun's own options: its parser would take --num for an abbreviation of its --numa-binding.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, "--",
            *map(str, args), "--json", str(tmp_path / "two.json")]
@@ -251,7 +259,21 @@ def test_fid_torchrun(cheap, run, refs, tmp_path):
     assert r.stdout.count("seeds 0-2") == 1  # rank 0 alone reports
     one, two = (json.load(open(tmp_path / f)) for f in ("one.json", "two.json"))
     assert two["world_size"] == 2
-    assert [x["fid"] for x in two["repeats"]] == pytest.approx([x["fid"] for x in one["repeats"]], rel=1e-6)
+    # Different thread counts (1 per rank here) may flip a pixel's rounding, so the processes' own images, not the
+    # 1-process run's, make their FIDs.
+    sampler = load_sampler(run_dir)
+    x = sampler(seed_latents(range(6), sampler.chw))
+    ref = load_stats(clean)
+    seeds = [[split_seeds(list(range(3 * k, 3 * k + 3)), rank, 2) for k in range(2)] for rank in range(2)]
+    mine = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True).split([len(s) for s in seeds[rank]])
+            for rank in range(2)]
+    for k, repeat in enumerate(two["repeats"]):
+        for rank in range(2):
+            assert seeds[rank][k], "each rank holds seeds of each repeat"
+            assert_uint8_matches(mine[rank][k], x[seeds[rank][k]])
+        feats = cheap_features(torch.cat([mine[0][k], mine[1][k]]))
+        assert repeat["fid"] == pytest.approx(fid_from_features(feats, ref), rel=1e-9)
+        assert repeat["seeds"] == one["repeats"][k]["seeds"]
 
 
 # ---------------------------------------------------------------- bad input
@@ -306,6 +328,11 @@ def test_ref_bad_input(cheap, run, tmp_path):
     assert r.exit_code == 2 and "pass --data" in r.output
 
 
-if __name__ == "__main__":  # launched by test_fid_torchrun under torchrun: the CLI with the cheap feature network
-    features_module.feature_network = lambda *args, **kwargs: cheap_features
-    main(sys.argv[1:], prog_name="dsd-fast")
+if __name__ == "__main__":  # launched by test_fid_torchrun under torchrun: the CLI with the cheap feature network,
+    # each rank saving the images it saw to $RECORD/rank<r>.pt
+    recorder = Recorder()
+    features_module.feature_network = lambda *args, **kwargs: recorder
+    try:
+        main(sys.argv[1:], prog_name="dsd-fast")
+    finally:
+        torch.save(recorder.images(), os.path.join(os.environ[RECORD], f"rank{os.environ['RANK']}.pt"))

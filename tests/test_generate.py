@@ -13,20 +13,13 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
-from runs import make_run, torchrun
+from runs import TOL, assert_uint8_matches, make_run, tol, torchrun
 
 from dsd_fast.cli import main
 from dsd_fast.data import load_images, to_uint8
 from dsd_fast.data.datasets import _encode_png
 from dsd_fast.generation import LATENT_KEY, MAX_SEED, batches, load_sampler, parse_seeds, seed_latents
 from dsd_fast.reference.philox import corrupt_noise
-
-# A seed's float image at two batch sizes: CPU convolutions pick different blockings per batch size, which moves
-# the last bits (measured on cpu-tiny: 2.4e-7 one-step; 3e-4 after Heun from sigma_max = 80 to images as large as
-# 197 -- an untrained teacher -- i.e. 1.5e-6 of the largest value). Floats are compared to TOL relative to the
-# largest value, and uint8 images may differ by one level only where the float lies that close to a rounding
-# boundary.
-TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -61,20 +54,6 @@ def _generate(*args):
 def _npz(path):
     with np.load(path) as f:
         return torch.from_numpy(f["images"]).permute(0, 3, 1, 2), f["seeds"]
-
-
-def _tol(x):
-    return TOL * max(1.0, x.abs().max().item())
-
-
-def assert_uint8_matches(images, x_ref):
-    """uint8 images equal to_uint8(x_ref), up to one level where x_ref is within _tol of a rounding boundary."""
-    want = to_uint8(x_ref).int()
-    v = x_ref * 127.5 + 127.5
-    near = (v - v.floor() - 0.5).abs() <= 127.5 * _tol(x_ref)
-    diff = (images.int() - want).abs()
-    bad = (diff > 1) | ((diff == 1) & ~near)
-    assert not bad.any(), f"{int(bad.sum())} pixels differ beyond rounding (max {int(diff.max())} levels)"
 
 
 def test_parse_seeds():
@@ -123,7 +102,7 @@ def test_same_seed_same_image_any_batch(kind, run):
     floats = {b: torch.cat([sampler(seed_latents(c, sampler.chw)) for c in batches(seeds, b)]) for b in (7, 64)}
     floats[1] = torch.cat([sampler(seed_latents([s], sampler.chw)) for s in seeds[:4]])
     for x in (floats[1], floats[64]):
-        torch.testing.assert_close(x, floats[7][:len(x)], rtol=TOL, atol=_tol(floats[7]))
+        torch.testing.assert_close(x, floats[7][:len(x)], rtol=TOL, atol=tol(floats[7]))
         assert_uint8_matches(to_uint8(x), floats[7][:len(x)])
 
 
