@@ -252,8 +252,7 @@ def _inject_triton(y, eps, s, b_s, sigma, blur, seed, offset):
 
 
 def _inject_ref(y, eps, s, b_s, sigma, blur):
-    r, q2, _, _ = _coeffs(y, s, b_s, sigma, blur)
-    return _ref.idct2(r * _ref.dct2(y) + q2.sqrt() * _ref.dct2(eps)).contiguous()
+    return _ref.dct_inject(y, eps, s, b_s, sigma, blur).contiguous()
 
 
 @torch.library.custom_op("dsd_fast::dct_inject", mutates_args=())
