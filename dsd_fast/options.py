@@ -96,7 +96,11 @@ class Options:
     distill_kimg: float = 100000.0
     loss: str = "sid"
     alpha: float | None = None
-    g_lr: float | None = None  # generator lr; the fake score uses the same (SiD)
+    g_lr: float | None = None  # generator lr
+    # The fake score f_psi: its lr (None: g_lr, as SiD) and its updates per generator update (SiD: 1). DMD2's
+    # two-time-scale rule (5 fake updates per generator update) keeps f_psi tracking a fast-moving generator.
+    fake_lr: float | None = None
+    fake_steps: int = 1
     sigma_init: float = 2.5
     t_max: float = 800.0
     # Generator-step levels: SiD's Karras schedule with this sigma_min (SiD: 0.002). OBSERVATION_SIGMA ("sigma") uses
@@ -113,6 +117,8 @@ class Options:
                 setattr(self, name, value)
         if self.batch_gpu is None:
             self.batch_gpu = self.batch
+        if self.fake_lr is None:
+            self.fake_lr = self.g_lr
         self._validate()
 
     def _validate(self):
@@ -139,7 +145,7 @@ class Options:
         for name in ("sigma", "blur", "pretrain_kimg", "distill_kimg", "lr_rampup_kimg", "ema_halflife_kimg",
                      "ema_rampup_ratio", "g_ema_halflife_kimg"):
             number(name)
-        for name in ("lr", "g_lr", "sigma_init", "snapshot_kimg", "t_max"):
+        for name in ("lr", "g_lr", "fake_lr", "sigma_init", "snapshot_kimg", "t_max"):
             number(name, strict=True)
         number("alpha", low=-math.inf)
         if isinstance(self.g_sigma_min, str) and self.g_sigma_min != OBSERVATION_SIGMA:
@@ -151,7 +157,8 @@ class Options:
                              f"sigma > 0, got {self.g_sigma_min!r} (sigma={self.sigma})")
         number("fid_every_kimg")
         number("state_kimg")
-        for name in ("batch", "batch_gpu", "log_every", "sample_steps", "max_nonfinite", "fid_batch"):
+        for name in ("batch", "batch_gpu", "log_every", "sample_steps", "max_nonfinite", "fid_batch",
+                     "fake_steps"):
             integer(name)
         integer("grid_images", 0)
         integer("fid_images", 2)  # a covariance needs two samples

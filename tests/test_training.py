@@ -21,6 +21,7 @@ from dsd_fast.rundir import load_checkpoint, to_uint8_grid
 from dsd_fast.sampling import one_step
 from dsd_fast.training import Distill, Options, Pretrain, TrainingError, train
 from dsd_fast.training.ema import EMA, ema_beta
+from dsd_fast.training.loop import seed_dropout
 from dsd_fast.training.phase1 import sample_sigma_t
 from dsd_fast.training.phase2 import _apply
 
@@ -401,3 +402,34 @@ def test_g_sigma_min_is_validated():
             _options(g_sigma_min=bad)
     with pytest.raises(ValueError, match="g_sigma_min"):
         _options(sigma=0.0, g_sigma_min="sigma")
+
+
+def test_fake_steps_and_fake_lr():
+    """fake_steps=K: each step makes K fake-score updates at fake_lr, keyed by K*step+j (no draw shared between
+    updates or steps), then one generator update at g_lr: the same as making those calls by hand."""
+    o = _options(batch=2, g_lr=1e-4, fake_lr=3e-4, fake_steps=3)
+    teacher = Pretrain(o, CONFIG, _data(o), CPU).ema.state_dict()
+    d, ref = Distill(o, CONFIG, None, CPU, teacher), Distill(o, CONFIG, None, CPU, teacher)
+    seen, f_psi_step = [], d.f_psi_step
+    d.f_psi_step = lambda k, n, shape: seen.append(k) or f_psi_step(k, n, shape)
+    shape = (2, 3, 32, 32)
+    for k in range(2):
+        finite, metrics = d.step(k)
+        assert finite and (metrics["lr"], metrics["fake_lr"]) == (1e-4, 3e-4)
+        seed_dropout(o.seed, k, 0)
+        for j in range(3):
+            assert _apply(ref.f_psi_opt, ref.f_psi_step(3 * k + j, 2, shape), 3e-4)
+        assert _apply(ref.G_opt, ref.generator_step(k, 2, shape), 1e-4)
+    assert seen == [0, 1, 2, 3, 4, 5]
+    for net in ("f_psi", "G"):
+        for a, b in zip(getattr(d, net).parameters(), getattr(ref, net).parameters(), strict=True):
+            assert torch.equal(a, b), net
+    fake_state, g_state = next(iter(d.f_psi_opt.state.values())), next(iter(d.G_opt.state.values()))
+    assert (int(fake_state["step"]), int(g_state["step"])) == (6, 2)
+    assert [g["lr"] for g in d.f_psi_opt.param_groups] == [3e-4] and [g["lr"] for g in d.G_opt.param_groups] == [1e-4]
+    # The defaults are SiD's: one fake update per generator update, at the generator's lr.
+    sid = _options(g_lr=2e-4)
+    assert (sid.fake_steps, sid.fake_lr) == (1, 2e-4)
+    for bad in (dict(fake_steps=0), dict(fake_steps=1.5), dict(fake_lr=0.0), dict(fake_lr=-1e-4)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _options(**bad)

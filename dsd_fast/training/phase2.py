@@ -73,9 +73,9 @@ class Distill:
         self.G_ema = EMA(self.G, par.average)
         # What trains f_psi and G: DDP-wrapped or sharded, their gradients averaged over ranks.
         self.synced = types.SimpleNamespace(f_psi=par.wrap(self.f_psi), G=par.wrap(self.G))
-        adam = dict(lr=options.g_lr, betas=(0.0, 0.999), eps=1e-8)  # SiD: no first-moment momentum
-        self.f_psi_opt = torch.optim.Adam(self.f_psi.parameters(), **adam)
-        self.G_opt = torch.optim.Adam(self.G.parameters(), **adam)
+        adam = dict(betas=(0.0, 0.999), eps=1e-8)  # SiD: no first-moment momentum
+        self.f_psi_opt = torch.optim.Adam(self.f_psi.parameters(), lr=options.fake_lr, **adam)
+        self.G_opt = torch.optim.Adam(self.G.parameters(), lr=options.g_lr, **adam)
         # --compile: each step's loss end to end: the fake score's network + loss, and the whole generator loss
         # (G, the injection at the step's levels, both score nets, the SiD / DMD / SDS loss) with their backward.
         self.f_psi_loss = compiled(options, lambda x_t, y, s: network_loss(self.synced.f_psi, self.corruption, x_t, y,
@@ -112,7 +112,8 @@ class Distill:
 
     def f_psi_step(self, k, n, shape):
         """Update f_psi with the Phase I loss on generated images corrupted like the data: y~ = A x_g + sigma eps.
-        Returns the loss (the global batch mean)."""
+        k: the fake update's index (step * fake_steps + j), which keys its draws. Returns the loss (the global
+        batch mean)."""
         o, dev, par = self.options, self.device, self.par
         key = lambda purpose: derive_seed(o.seed, purpose, k)
         start = par.rank * n  # this rank's first sample in the step's global batch
@@ -166,22 +167,26 @@ class Distill:
             self.f_psi.train().requires_grad_(True)
 
     def step(self, k):
-        """Fake-score step then generator step; a non-finite loss skips that update (counted once per step)."""
+        """fake_steps fake-score updates then one generator update; a non-finite loss skips that update (counted
+        once per step)."""
         o, n = self.options, self.n
         shape = (n, self.config.in_channels, self.config.img_resolution, self.config.img_resolution)
         nimg = (k + 1) * o.batch
-        lr = o.g_lr  # SiD: no learning-rate ramp-up (both nets start from the trained teacher)
+        # SiD: no learning-rate ramp-up (both nets start from the trained teacher)
         seed_dropout(o.seed, k, self.par.rank)
-        fake_loss = self.f_psi_step(k, n, shape)
-        fake_ok = _apply(self.f_psi_opt, fake_loss, lr)
+        fake_ok, fake_losses = True, []
+        for j in range(o.fake_steps):
+            fake_losses.append(self.f_psi_step(k * o.fake_steps + j, n, shape))
+            fake_ok &= _apply(self.f_psi_opt, fake_losses[-1], o.fake_lr)
+        fake_loss = sum(fake_losses) / len(fake_losses)
         g_loss = self.generator_step(k, n, shape)
-        g_ok = _apply(self.G_opt, g_loss, lr)
+        g_ok = _apply(self.G_opt, g_loss, o.g_lr)
         if g_ok:
             self.G_ema.update(self.G, ema_beta(nimg, o.batch, o.g_ema_halflife_kimg, o.ema_rampup_ratio))
         finite = fake_ok and g_ok
         self.nonfinite += not finite
         self.completed = k + 1
-        return finite, dict(loss=g_loss, fake_loss=fake_loss, lr=lr)
+        return finite, dict(loss=g_loss, fake_loss=fake_loss, lr=o.g_lr, fake_lr=o.fake_lr)
 
     def snapshot(self, run):
         save_data_grid(self, run)
