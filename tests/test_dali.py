@@ -366,3 +366,63 @@ def test_train_dali_not_installed_is_a_usage_error(tmp_path, monkeypatch):
                "--outdir", tmp_path / "run")
     assert r.exit_code == 1 and "pip install 'dsd-fast[dali]'" in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------- DALIImages
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_dali_images_chunks_equal_load_images(tmp_path, have_dali, c):
+    """Any index chunks (contiguous, strided, out of order, a short last one), head(n) and take(index) give exactly
+    load_images' images, for zip, folder, npz and npy."""
+    x = _images(11, c, 8)
+    perm = torch.randperm(11)
+    layouts = [torch.arange(11).split(4), torch.arange(1, 11, 2).split(2), perm.split(3), [torch.tensor([5])]]
+    for kind, source in _sources(tmp_path, x).items():
+        ref = load_images(source)
+        assert torch.equal(ref, x), kind
+        with dali.DALIImages(source, device="cpu", batch_size=4, num_threads=1) as images:
+            assert len(images) == 11 and images.shape == tuple(x.shape)
+            for chunks in layouts:
+                got = list(images.batches(chunks))
+                assert len(got) == len(chunks), kind
+                for i, b in zip(chunks, got, strict=True):
+                    assert b.dtype == torch.uint8 and torch.equal(b, x[i]), (kind, i)
+            head = images.head(6)
+            assert head.shape == (6, c, 8, 8) and len(images) == 11
+            assert torch.equal(torch.cat(list(head.batches(torch.arange(6).split(4)))), x[:6])
+            assert torch.equal(images.take(perm[:5]), x[perm[:5]])
+            with pytest.raises(IndexError, match="chunks"):
+                list(head.batches([torch.tensor([6])]))
+            with pytest.raises(ValueError, match="chunks: expected chunks of 1..4"):
+                list(images.batches([torch.arange(5)]))
+            with pytest.raises(ValueError, match="n: "):
+                images.head(12)
+
+
+def test_dali_images_corrupt_png_names_the_member(tmp_path, have_dali):
+    """A member that fails to decode mid-stream is named (check=False skips the scan, so DALI meets it first)."""
+    x = _images(6, 3, 8)
+    members = _edm_members(x)
+    name = sorted(n for n in members if n.endswith(".png"))[4]
+    members[name] = members[name][:40]
+    source = _write_zip(tmp_path / "bad.zip", members)
+    with pytest.raises(ValueError, match="bad.zip"):
+        dali.DALIImages(source, device="cpu", num_threads=1)
+    with dali.DALIImages(source, device="cpu", batch_size=2, num_threads=1, check=False) as images:
+        with pytest.raises(ValueError, match=f"source: cannot decode image file {source}:{name} "):
+            list(images.batches(torch.arange(6).split(2)))
+
+
+@pytest.mark.gpu
+def test_cuda_dali_images(tmp_path, have_dali):
+    """On the GPU: DALIImages' chunks land on the device, equal to load_images' images, for a zip and an array."""
+    x = _images(13, 3, 16)
+    sources = _sources(tmp_path, x)
+    chunks = torch.randperm(13).split(5)
+    for kind in ("zip", "npy"):
+        with dali.DALIImages(sources[kind], device="cuda", batch_size=5) as images:
+            got = list(images.batches(chunks))
+        assert all(b.device.type == "cuda" for b in got), kind
+        for i, b in zip(chunks, got, strict=True):
+            assert torch.equal(b.cpu(), x[i]), (kind, i)

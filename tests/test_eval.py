@@ -168,6 +168,26 @@ def test_eval_data_images(noise_run, tmp_path):
     assert r.exit_code == 1 and f"data_images: expected at most the {N_DATA} images" in r.output
 
 
+def test_eval_loader_dali(noise_run, data, tmp_path):
+    """--loader dali: the data images stream from an EDM zip through DALI in --inception-batch chunks; the table,
+    the grids and --data-images are the resident loader's (checked against the direct computation)."""
+    pytest.importorskip("nvidia.dali")
+    from dsd_fast.data import convert_dataset
+
+    run_dir = copy_run(noise_run, tmp_path / "copy", dataset=str(convert_dataset(data, tmp_path / "data.zip")))
+    out, result, md = run_eval(run_dir, "--loader", "dali", "--inception-batch", 5)
+    assert "loader dali: --loader dali" in out and result["loader"] == "dali: --loader dali"
+    samples, corruption, x = expected_samples(noise_run, NOISE_ROWS)
+    expected = expected_numbers(samples, corruption, feature_stats(cheap_features(x)),
+                                feature_stats(cheap_features(samples["observation"])))
+    check_table(run_dir, result, md, expected, samples)
+    n = int(torch.randint(4, N_DATA, ()))
+    _, result, _ = run_eval(run_dir, "--loader", "dali", "--inception-batch", 5, "--data-images", n)
+    obs = samples["observation"][:n]
+    assert result["data_images"] == n and result["rows"][0]["fid"] == pytest.approx(
+        fid_from_features(cheap_features(obs), feature_stats(cheap_features(x[:n]))), rel=1e-9)
+
+
 def test_eval_noisy_data(noise_run, tmp_path):
     """A run on already-noisy data has no clean data: FID is n/a unless --ref gives clean stats."""
     run_dir = copy_run(noise_run, tmp_path / "noisy", noisy_data=True)

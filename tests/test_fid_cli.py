@@ -20,7 +20,7 @@ from runs import assert_uint8_matches, invoke, ok
 import dsd_fast.evaluation.features as features_module
 from dsd_fast.cli import main
 from dsd_fast.corruption import BlurNoiseCorruption, NoiseCorruption
-from dsd_fast.data import to_float, to_uint8
+from dsd_fast.data import convert_dataset, to_float, to_uint8
 from dsd_fast.evaluation import data_features, fid_from_features, proximal_corrupt, save_reference
 from dsd_fast.generation import load_sampler, seed_latents, split_seeds
 from dsd_fast.metrics import InceptionFeatures, feature_stats, load_inception, load_stats
@@ -140,6 +140,35 @@ def test_ref_from_run(cheap, run, tmp_path):
     ok("fid", "ref", "--run", run_dir, "--clean", "--max-images", 4, "--out", tmp_path / "clean.npz")
     assert_stats(tmp_path / "clean.npz", cheap_features(x[:4]))
     assert markers(tmp_path / "clean.npz")["corrupted"] is False
+
+
+def test_ref_loaders(cheap, run, tmp_path):
+    """--loader dali streams the data set through DALI in --inception-batch chunks (a short last one) and writes the
+    resident loader's stats exactly, from an npz and an EDM zip, clean and corrupted as the run corrupts; the
+    choice is printed (auto: resident without an accelerator)."""
+    pytest.importorskip("nvidia.dali")
+    run_dir, data = run
+    options = json.load(open(os.path.join(run_dir, "options.json")))
+    x = data_images(data)
+    y = corrupt_one_by_one(x, NoiseCorruption(options["sigma"]), options["seed"])
+    out = ok("fid", "ref", "--data", data, "--out", tmp_path / "auto.npz")
+    assert "loader resident: no accelerator" in out
+    assert "loader resident: --loader resident" in ok("fid", "ref", "--data", data, "--loader", "resident",
+                                                      "--out", tmp_path / "resident.npz")
+    zipped = convert_dataset(data, tmp_path / "data.zip")
+    for source in (data, zipped):
+        out = ok("fid", "ref", "--data", source, "--loader", "dali", "--inception-batch", 5, "--out",
+                 tmp_path / "dali.npz")
+        assert "loader dali: --loader dali" in out and f"{N_DATA} images" in out
+        assert_stats(tmp_path / "dali.npz", cheap_features(x))
+        assert np.array_equal(np.load(tmp_path / "dali.npz")["sigma"], np.load(tmp_path / "auto.npz")["sigma"])
+    run_zip = tmp_path / "run"
+    os.makedirs(run_zip)
+    json.dump({**options, "dataset": str(zipped)}, open(run_zip / "options.json", "w"))
+    ok("fid", "ref", "--run", run_zip, "--loader", "dali", "--inception-batch", 5, "--out", tmp_path / "prox.npz")
+    assert_stats(tmp_path / "prox.npz", cheap_features(y))
+    ok("fid", "ref", "--run", run_zip, "--loader", "dali", "--max-images", 7, "--clean", "--out", tmp_path / "c7.npz")
+    assert_stats(tmp_path / "c7.npz", cheap_features(x[:7]))
 
 
 # ---------------------------------------------------------------- fid

@@ -5,7 +5,7 @@ import click
 
 from ..evaluation.table import evaluate
 from ..generation import PRECISIONS
-from .fid import feature_options
+from .fid import feature_options, loader_option
 
 
 @click.command("eval")
@@ -28,16 +28,18 @@ from .fid import feature_options
               help="Generator arithmetic.")
 @click.option("--data-images", type=click.IntRange(min=2), default=None,
               help="Use the first N data images for the reference stats and the Observation row.  [all]")
+@loader_option
 @feature_options
 @click.option("--grid-images", type=click.IntRange(min=0), default=64, show_default=True,
               help="Images per row's PNG grid (0: none).")
 def command(run_dir, ckpt, num, steps, ref, proximal_ref, batch, precision, data_images, mode, inception,
-            inception_batch, device, grid_images):
+            inception_batch, device, grid_images, loader):
     """Table-2-style comparison of a distilled run: writes RUN_DIR/eval.md, eval.json and eval-<row>.png."""
     try:
         written = evaluate(run_dir, ckpt=ckpt, num=num, steps=steps, ref=ref, proximal_ref=proximal_ref, batch=batch,
                            precision=precision, data_images=data_images, mode=mode, inception=inception,
-                           inception_batch=inception_batch, device=device, grid_images=grid_images)
+                           inception_batch=inception_batch, device=device, grid_images=grid_images,
+                           loader=loader)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     if written is not None:

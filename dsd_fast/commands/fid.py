@@ -4,6 +4,7 @@ from evaluation.fid (feature modes, repeats, stats markers: see there)."""
 
 import click
 
+from ..data import LOADERS
 from ..evaluation.fid import fid_between, fid_of_checkpoint, fid_of_images, reference_stats
 from ..generation import PRECISIONS
 from ..metrics.fid import RESIZE_MODES
@@ -31,6 +32,14 @@ def feature_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def loader_option(f):
+    """--loader: how `fid ref` and `eval` read the data set (training's --loader choices)."""
+    return click.option("--loader", type=click.Choice(LOADERS), default="auto", show_default=True,
+                        help="Data images: resident (decoded into memory at once), dali (streamed through NVIDIA "
+                             "DALI in Inception-sized chunks, decoded on the GPU; for sets that do not fit), auto "
+                             "(resident when the uint8 set fits in half the free device memory).")(f)
 
 
 @click.group("fid", invoke_without_command=True)
@@ -111,15 +120,16 @@ def command(ctx, ckpt, images, ref, num, repeats, proximal, sampler, steps, batc
 @click.option("--blur", type=float, default=None, help="Blur std in pixels (--corruption blur).")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="The training run's --seed.  [0]")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Stats file to write (.npz).")
+@loader_option
 @feature_options
 def ref_command(dataset, dataset_path, run_dir, resolution, channels, max_images, corrupt, corruption, sigma, blur,
-                seed, out, mode, inception, inception_batch, device):
+                seed, out, loader, mode, inception, inception_batch, device):
     """Reference stats (mu, sigma) of a data set, clean or corrupted (for Proximal FID)."""
     if dataset is None and run_dir is None:
         raise click.UsageError("pass --data DATASET|PATH (or --run RUN_DIR)")
     try:
         reference_stats(dataset, dataset_path, run_dir, resolution, channels, max_images, corrupt,
                         dict(corruption=corruption, sigma=sigma, blur=blur, seed=seed), out, mode, inception,
-                        inception_batch, device, say=click.echo)
+                        inception_batch, device, say=click.echo, loader=loader)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e

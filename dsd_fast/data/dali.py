@@ -237,6 +237,58 @@ def dataset_shape(source, *, resolution=None, channels=None, max_images=None):
     return len(images), C, H, W
 
 
+def _pipeline(dali, images, feed, *, batch_size, num_threads, device, prefetch):
+    """A built DALI pipeline over `images` (an _EncodedSet or _ArraySet): each run() takes feed()'s next batch
+    (external_source, batch mode: a shorter batch stays short), decodes it on `device` ("mixed" on a GPU, "cpu"
+    without one) and returns uint8 CHW, plus the files' own shapes for encoded images."""
+    fn, types = dali.fn, dali.types
+    device_id = None
+    if device.type == "cuda":
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
+
+    @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                       prefetch_queue_depth=prefetch, exec_dynamic=True)
+    def pipeline():
+        x = fn.external_source(source=feed, batch=True, dtype=types.UINT8,
+                               ndim=1 if images.encoded else 3, layout=None if images.encoded else "HWC")
+        if not images.encoded:
+            return fn.transpose(x if device_id is None else x.gpu(), perm=[2, 0, 1], output_layout="CHW")
+        # Each file's own H, W, C: the decoder converts grey to RGB and back without a word.
+        shape = fn.peek_image_shape(x, image_type=types.ANY_DATA, adjust_orientation=False)
+        # adjust_orientation off: load_images ignores EXIF rotation. jpeg_fancy_upsampling: nvJPEG upsamples
+        # chroma as libjpeg-turbo (PIL) does, not its own way.
+        x = fn.decoders.image(x, device="cpu" if device_id is None else "mixed",
+                              output_type=types.GRAY if images.shape[2] == 1 else types.RGB,
+                              adjust_orientation=False, jpeg_fancy_upsampling=True)
+        return fn.transpose(x, perm=[2, 0, 1], output_layout="CHW"), shape
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+def _same_shapes(expected, shape):
+    """Whether the files' own shapes (int64 [B, 3], HWC; C = 2 is grey + alpha, 4 colour + alpha or CMYK) are
+    `expected` (H, W, C)."""
+    H, W, C = expected
+    return bool(((shape[:, 0] == H) & (shape[:, 1] == W) & ((shape[:, 2] <= 2) == (C == 1))).all())
+
+
+def _output(images, out, shape, index, device, what, source):
+    """A pipeline run's uint8 [B, C, H, W] torch tensor on device, after checking the files' own shapes (what:
+    the batch, for the error)."""
+    if shape and not _same_shapes(images.shape, np.array(shape[0].as_tensor())):
+        images.check(index.tolist())
+        raise RuntimeError(f"{what}: DALI found images of another shape than {images.shape} (HxWxC) among "
+                           f"{index.tolist()} of {source}, PIL none")
+    tensor = out.as_tensor()
+    if device.type != "cuda":
+        return torch.from_dlpack(tensor)
+    with torch.cuda.device(device):  # the DLPack handshake orders torch's stream after DALI's
+        return torch.from_dlpack(tensor)
+
+
+
 # ---------------------------------------------------------------------------------------------- the loader
 
 
@@ -346,31 +398,8 @@ class DALIData:
         return self._images.feed(index)
 
     def _pipeline(self):
-        dali, images = self._dali, self._images
-        fn, types = dali.fn, dali.types
-        device_id = None
-        if self.device.type == "cuda":
-            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-
-        @dali.pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
-                           prefetch_queue_depth=self.prefetch, exec_dynamic=True)
-        def pipeline():
-            x = fn.external_source(source=self._feed, batch=True, dtype=types.UINT8,
-                                   ndim=1 if images.encoded else 3, layout=None if images.encoded else "HWC")
-            if not images.encoded:
-                return fn.transpose(x if device_id is None else x.gpu(), perm=[2, 0, 1], output_layout="CHW")
-            # Each file's own H, W, C: the decoder converts grey to RGB and back without a word.
-            shape = fn.peek_image_shape(x, image_type=types.ANY_DATA, adjust_orientation=False)
-            # adjust_orientation off: load_images ignores EXIF rotation. jpeg_fancy_upsampling: nvJPEG upsamples
-            # chroma as libjpeg-turbo (PIL) does, not its own way.
-            x = fn.decoders.image(x, device="cpu" if device_id is None else "mixed",
-                                  output_type=types.GRAY if images.shape[2] == 1 else types.RGB,
-                                  adjust_orientation=False, jpeg_fancy_upsampling=True)
-            return fn.transpose(x, perm=[2, 0, 1], output_layout="CHW"), shape
-
-        pipe = pipeline()
-        pipe.build()
-        return pipe
+        return _pipeline(self._dali, self._images, self._feed, batch_size=self.batch_size,
+                         num_threads=self.num_threads, device=self.device, prefetch=self.prefetch)
 
     def _run(self):
         """The next step's (p, index, uint8 [B, C, H, W] on the pipeline's device)."""
@@ -379,21 +408,7 @@ class DALIData:
         except RuntimeError as e:
             self._explain(e)
         step, p, index = self._pending.popleft()
-        if shape and not self._same_shapes(np.array(shape[0].as_tensor())):
-            self._images.check(index.tolist())
-            raise RuntimeError(f"step {step}: DALI found images of another shape than {self._images.shape} "
-                               f"(HxWxC) among {index.tolist()} of {self.source}, PIL none")
-        tensor = out.as_tensor()
-        if self.device.type != "cuda":
-            return p, index, torch.from_dlpack(tensor)
-        with torch.cuda.device(self.device):  # the DLPack handshake orders torch's stream after DALI's
-            return p, index, torch.from_dlpack(tensor)
-
-    def _same_shapes(self, shape):
-        """Whether the files' own shapes (int64 [B, 3], HWC; C = 2 is grey + alpha, 4 colour + alpha or CMYK)
-        are the data set's."""
-        H, W, C = self._images.shape
-        return bool(((shape[:, 0] == H) & (shape[:, 1] == W) & ((shape[:, 2] <= 2) == (C == 1))).all())
+        return p, index, _output(self._images, out, shape, index, self.device, f"step {step}", self.source)
 
     def _explain(self, error):
         """A failed run: name the image of the fed steps that the scan or PIL refuses, else re-raise DALI's
@@ -467,6 +482,89 @@ class DALIData:
     def close(self):
         """Drop the pipeline and close the data set's files."""
         self._pipe = None
+        self._images.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class DALIImages:
+    """A data set's uint8 images, read through a DALI pipeline in index chunks of the caller's choosing and never
+    held whole: the image set of `fid ref` and `eval` when the data set does not fit the device (GPUData's images
+    tensor otherwise). batches(chunks) yields the images of each chunk in order (prefetch: the next chunks decode
+    while the caller computes features); take(index) decodes a few directly (PIL, load_images' decode) for grids.
+    source, resolution, channels, max_images, check: as DALIData; batch_size: the largest chunk."""
+
+    def __init__(self, source, *, device=None, resolution=None, channels=None, max_images=None, check=True,
+                 batch_size=256, prefetch=2, num_threads=None):
+        self._dali = _import_dali()
+        self.batch_size = checks.integer("batch_size", batch_size, 1)
+        self.prefetch = checks.integer("prefetch", prefetch, 2)
+        self.num_threads = _default_threads() if num_threads is None else checks.integer("num_threads", num_threads, 1)
+        self.device = checks.device("device", device if device is not None else
+                                    "cuda" if torch.cuda.is_available() else "cpu")
+        self.source = Path(source)
+        self._images = _open(self.source, resolution, channels, max_images, check)
+        self._n = len(self._images)
+
+    def __len__(self):
+        return self._n
+
+    @property
+    def shape(self):
+        """(N, C, H, W), as the images tensor's."""
+        H, W, C = self._images.shape
+        return self._n, C, H, W
+
+    def head(self, n):
+        """The first n images (a view over the same files)."""
+        n = checks.integer("n", n, 1, self._n)
+        view = object.__new__(DALIImages)
+        view.__dict__.update(self.__dict__, _n=n)
+        return view
+
+    def take(self, index):
+        """uint8 [len(index), C, H, W] CPU tensor of images `index`, decoded directly."""
+        index = torch.as_tensor(index, dtype=torch.int64).cpu()
+        if len(index) and not (0 <= int(index.min()) and int(index.max()) < self._n):
+            raise IndexError(f"index: expected image indices in [0, {self._n}), got {index.tolist()}")
+        return self._images.decode(index)
+
+    def batches(self, chunks):
+        """uint8 [len(c), C, H, W] on the device for each int64 index tensor c of chunks (each at most batch_size
+        long, indices in [0, len(self))), in order, decoded by the pipeline."""
+        chunks = [torch.as_tensor(c, dtype=torch.int64).cpu() for c in chunks]
+        for c in chunks:
+            if not 0 < len(c) <= self.batch_size:
+                raise ValueError(f"chunks: expected chunks of 1..{self.batch_size} indices, got one of {len(c)}")
+            if not (0 <= int(c.min()) and int(c.max()) < self._n):
+                raise IndexError(f"chunks: expected image indices in [0, {self._n}), got {c.tolist()}")
+        if not chunks:
+            return
+        pending, fed = collections.deque(), iter(chunks)
+
+        def feed():
+            # Prefetch runs ahead of the last chunk: repeat it (decoded, never returned) rather than end the epoch.
+            index = next(fed, chunks[-1])
+            pending.append(index)
+            return self._images.feed(index)
+
+        pipe = _pipeline(self._dali, self._images, feed, batch_size=self.batch_size, num_threads=self.num_threads,
+                         device=self.device, prefetch=self.prefetch)
+        for j in range(len(chunks)):
+            try:
+                out, *shape = pipe.run()
+            except RuntimeError as e:
+                for index in pending:
+                    self._images.check(index.tolist())
+                raise RuntimeError(f"DALI pipeline failed at chunk {j} of {self.source}: {e}") from e
+            index = pending.popleft()
+            yield _output(self._images, out, shape, index, self.device, f"chunk {j}", self.source)
+
+    def close(self):
         self._images.close()
 
     def __enter__(self):

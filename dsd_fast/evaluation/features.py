@@ -5,13 +5,14 @@ No image files: a batch goes from the sampler (uint8, as its PNG would be) strai
 Under torch.distributed every rank handles its share of the seeds and the features are gathered on every rank.
 """
 
+import math
 import os
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data import load_images, resolve_source, to_float, to_uint8
+from ..data import DALIImages, choose_loader, dataset_shape, load_images, resolve_source, to_float, to_uint8
 from ..distributed import gather_rows, world
 from ..generation import batches, split_seeds
 from ..metrics import InceptionFeatures, feature_stats, frechet_distance, load_inception, load_stats
@@ -59,19 +60,46 @@ def observe(images, corruption, seed, index):
     return to_uint8(corruption.corrupt(to_float(images), seed, index.to(images.device)))
 
 
+def image_batches(images, chunks, device=None):
+    """The uint8 images of each index chunk (int64 tensors), in order, on device (None: where they are): images is
+    an image set, a uint8 [N, C, H, W] tensor (held) or a DALIImages (streamed; its batch_size bounds a chunk)."""
+    if isinstance(images, torch.Tensor):
+        for i in chunks:
+            yield images[i] if device is None else images[i].to(device)
+    else:
+        for x in images.batches(chunks):
+            yield x if device is None else x.to(device)
+
+
+def first_images(images, n):
+    """The first n images of an image set (a tensor's rows; a DALIImages' view), as the same kind."""
+    return images[:n] if isinstance(images, torch.Tensor) else images.head(n)
+
+
+def take_images(images, index):
+    """uint8 images `index` of an image set as a tensor (a DALIImages decodes them directly: for grids)."""
+    return images[index] if isinstance(images, torch.Tensor) else images.take(index)
+
+
 def data_features(images, features, *, corruption=None, seed=0, index=None, batch=256, progress=True,
-                  desc="data"):
-    """Features of uint8 data images [N, C, H, W]; with an observation model, of their fixed corruption
+                  desc="data", device=None):
+    """Features of an image set (uint8 [N, C, H, W] tensor, or DALIImages), in data-set order, on device (None:
+    where the images are); with an observation model, of their fixed corruption
     y_i = corruption.corrupt(x_i, seed, index_i) (index defaults to 0..N-1, the training run's draw), quantised
     to uint8 as a corrupted data set is stored."""
-    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4):
-        got = f"{images.dtype} of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else images
-        raise ValueError(f"images: expected a uint8 [N, C, H, W] tensor, got {got}")
+    if isinstance(images, torch.Tensor):
+        if not (images.dtype == torch.uint8 and images.ndim == 4):
+            raise ValueError(f"images: expected a uint8 [N, C, H, W] tensor, got {images.dtype} of shape "
+                             f"{tuple(images.shape)}")
+    elif not isinstance(images, DALIImages):
+        raise ValueError(f"images: expected a uint8 [N, C, H, W] tensor or a DALIImages, got {images!r}")
+    n = images.shape[0]
     if index is None:
-        index = torch.arange(images.shape[0])
+        index = torch.arange(n)
     out = []
-    with tqdm(total=images.shape[0], desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for x, i in zip(images.split(batch), index.split(batch), strict=True):
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        positions = torch.arange(n).split(batch)
+        for x, i in zip(image_batches(images, positions, device), index.split(batch), strict=True):
             if corruption is not None:
                 x = observe(x, corruption, seed, i)
             out.append(features(x))
@@ -131,21 +159,33 @@ def load_reference(path, *, corrupted=None, mode=None, name="ref"):
     return mu, sigma, markers
 
 
-def run_data(options, max_images=None, name="run"):
-    """(uint8 images [N, C, H, W], source path) of a run's data set as the run loads it; max_images: the first N
-    (default: the run's own max_images), fewer is an error."""
+def run_data(options, max_images=None, name="run", *, loader="resident", device="cpu", batch=256):
+    """(image set, source path, loader choice) of a run's data set as the run loads it (load_data); max_images:
+    the first N (default: the run's own max_images), fewer is an error."""
     if options.dataset is None:
         raise ValueError(f"{name}: the run's options name no data set (a distill run without --dataset)")
     config = resolve_config(options.preset)
     return load_data(options.dataset, options.data, config.img_resolution, config.in_channels,
-                     max_images or options.max_images)
+                     max_images or options.max_images, loader=loader, device=device, batch=batch)
 
 
-def load_data(dataset, data, resolution, channels, max_images):
-    """(uint8 images, source path) of a data set name or path; exactly max_images of them (None: all)."""
+def load_data(dataset, data, resolution, channels, max_images, *, loader="resident", device="cpu", batch=256):
+    """(image set, source path, loader choice) of a data set name or path; exactly max_images images (None: all).
+    loader (auto | resident | dali, as training's --loader): resident holds the uint8 set as a tensor on the CPU;
+    dali streams it through a DALIImages on device in chunks of <= batch; auto picks resident when the set fits
+    in half the device's free memory (always without an accelerator). The choice: "<kind>: <reason>"."""
     source = resolve_source(dataset, data)
-    images = load_images(source, resolution=resolution, channels=channels, max_images=max_images)
+    shape = dict(resolution=resolution, channels=channels, max_images=max_images)
+    device = torch.device(device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    size = math.prod(dataset_shape(source, **shape)) if loader == "auto" else 0  # only auto weighs it
+    try:
+        kind, reason = choose_loader(loader, size, free)
+    except ImportError as e:  # --loader dali without DALI: a usage error, said as such
+        raise ValueError(str(e)) from e
+    images = (DALIImages(source, device=device, batch_size=batch, **shape) if kind == "dali" else
+              load_images(source, **shape))
     if max_images is not None and images.shape[0] < max_images:
         raise ValueError(f"max_images: expected {max_images} images, but {os.fspath(source)} holds only "
                          f"{images.shape[0]}")
-    return images, os.fspath(source)
+    return images, os.fspath(source), f"{kind}: {reason}"

@@ -147,11 +147,13 @@ def fid_of_checkpoint(ckpt, ref, num, repeats, proximal, sampler_name, steps, ba
 
 
 def reference_stats(dataset, dataset_path, run_dir, resolution, channels, max_images, corrupt, given, out, mode,
-                    inception, inception_batch, device, say=print):
+                    inception, inception_batch, device, say=print, loader="resident"):
 
 
     check_out_dir("out", out)
     given = {k: v for k, v in given.items() if v is not None}
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = dict(loader=loader, device=device, batch=inception_batch)
     if run_dir is not None:
         clash = [f"--{k.replace('_', '-')}" for k, v in dict(data=dataset, dataset_path=dataset_path,
                                                               resolution=resolution, channels=channels, **given).items()
@@ -162,20 +164,24 @@ def reference_stats(dataset, dataset_path, run_dir, resolution, channels, max_im
         corrupt = True if corrupt is None else corrupt
         if options.noisy_data and not corrupt:
             raise ValueError(f"run: {run_dir} trained on already-noisy data (--noisy-data); it has no clean data")
-        images, source = run_data(options, max_images)
+        images, source, choice = run_data(options, max_images, **data)
         corruption = options.make_corruption() if corrupt and not options.noisy_data else None
     else:
         if given and not corrupt:
             raise ValueError(f"corrupt: {', '.join('--' + k for k in given)} describe a corruption; add --corrupt")
         options = Options(**given)  # validates the corruption as a training run would
-        images, source = load_data(dataset, dataset_path, resolution, channels, max_images)
+        images, source, choice = load_data(dataset, dataset_path, resolution, channels, max_images, **data)
         corruption = options.make_corruption() if corrupt else None
     what = "as-is noisy data" if corrupt and corruption is None else repr(corruption) if corrupt else "clean data"
     description = f"{source}: {images.shape[0]} images, {what}" + (f", seed {options.seed}" if corruption else "")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    say(f"loader {choice}")
     features = _features.feature_network(inception, mode, device, inception_batch)
-    feats = data_features(images.to(device), features, corruption=corruption, seed=options.seed,
-                          batch=inception_batch, desc="corrupted data" if corrupt else "data")
+    try:
+        feats = data_features(images, features, corruption=corruption, seed=options.seed, batch=inception_batch,
+                              desc="corrupted data" if corrupt else "data", device=device)
+    finally:
+        if not isinstance(images, torch.Tensor):
+            images.close()
     save_reference(out, feats, corrupted=bool(corrupt), resize_mode=mode, resolution=images.shape[-1],
                    description=description)
     say(f"Wrote {out}: {'corrupted' if corrupt else 'clean'}-data stats of {images.shape[0]} images "

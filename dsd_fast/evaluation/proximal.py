@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..data import to_float, to_uint8
 from ..distributed import gather_rows
 from ..generation import seed_index
-from .features import observe, sampler_features
+from .features import image_batches, observe, sampler_features
 
 PROXIMAL_KEY = 0x5EED_1A7E_17D5_0002  # a fixed 63-bit Philox key, apart from generation.LATENT_KEY
 
@@ -41,15 +41,16 @@ def features_with_proximal(sampler, seeds, features, **kw):
 
 
 def observation_features(options, images, features, par, *, clean, batch):
-    """Features, in data-set order, of the clean images x_i (if clean; else None), of the observations y_i (as the
-    run corrupts image i: corruption.corrupt(x_i, seed, i); as they are for noisy data) and of the observations
-    corrupted once more as Proximal FID corrupts samples (keyed by i). Ranks take strided shares."""
+    """Features, in data-set order, of an image set's clean images x_i (if clean; else None), of the observations
+    y_i (as the run corrupts image i: corruption.corrupt(x_i, seed, i); as they are for noisy data) and of the
+    observations corrupted once more as Proximal FID corrupts samples (keyed by i). images: a uint8 tensor or a
+    DALIImages (streamed, features.image_batches). Ranks take strided shares."""
     corruption = options.make_corruption()
     mine = torch.arange(par.rank, images.shape[0], par.world_size)
     out = {k: [] for k in ("index", "clean", "corrupted", "proximal")}
+    chunks = mine.split(batch)
     with tqdm(total=images.shape[0], desc="Observation", unit="img", disable=not par.main, dynamic_ncols=True) as bar:
-        for i in mine.split(batch):
-            x = images[i].to(par.device)
+        for i, x in zip(chunks, image_batches(images, chunks, par.device), strict=True):
             index = i.to(par.device)
             y = observations(options, x, index)
             out["index"].append(index.view(-1, 1))

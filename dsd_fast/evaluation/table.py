@@ -9,8 +9,11 @@ Generated rows use seeds 0..num-1; FID and Proximal FID of a row come from the s
 ranks split the seeds and the data images; rank 0 writes.
 """
 
+import contextlib
 import math
 import os
+
+import torch
 
 from ..data import to_float
 from ..distributed import process_group
@@ -19,7 +22,7 @@ from ..metrics import feature_stats
 from ..networks import resolve_config
 from ..rundir import atomic_write_bytes, load_checkpoint, read_options, save_grid
 from . import features as _features
-from .features import check_dim, fid_from_features, load_reference, run_data
+from .features import check_dim, fid_from_features, first_images, load_reference, run_data, take_images
 from .fid import default_steps, write_json
 from .proximal import features_with_proximal, observation_features, observations
 
@@ -35,31 +38,38 @@ NO_CLEAN = "n/a (no clean data; pass --ref)"
 
 
 def evaluate(run_dir, *, ckpt=None, num=50000, steps=None, ref=None, proximal_ref=None, batch=1024, precision="fp32",
-             data_images=None, mode="edm", inception=None, inception_batch=256, device=None, grid_images=64):
+             data_images=None, mode="edm", inception=None, inception_batch=256, device=None, grid_images=64,
+             loader="resident"):
     """Compute the table and write it (rank 0): returns the markdown, None on other ranks. Every check (run, refs,
-    data, weights) comes before any generation, and nothing is written before everything is computed."""
+    data, weights) comes before any generation, and nothing is written before everything is computed. loader:
+    how the data images are read (features.load_data: resident holds them, dali streams them, auto picks)."""
     options = read_options(run_dir, "run_dir")
     ckpt, teacher_ckpt = _checkpoints(run_dir, ckpt)
     refs = {"clean": load_reference(ref, corrupted=False, mode=mode, name="ref") if ref else None,
             "corrupted": load_reference(proximal_ref, corrupted=True, mode=mode, name="proximal_ref")
             if proximal_ref else None}
-    images, source = run_data(options, name="run_dir")
-    if data_images is not None:
-        if data_images > images.shape[0]:
-            raise ValueError(f"data_images: expected at most the {images.shape[0]} images of the run's data set "
-                             f"{source}, got {data_images}")
-        images = images[:data_images]
-    if images.shape[0] < 2:
-        raise ValueError(f"run_dir: the run's data set {source} holds {images.shape[0]} image; stats need >= 2")
     config = resolve_config(options.preset)
     steps = steps or default_steps(config.img_resolution)
     rows = [OBSERVATION] + TEACHER_ROWS[options.corruption] + [STUDENT]
-    with process_group(device) as par:
+    with process_group(device) as par, contextlib.ExitStack() as opened:
+        images, source, choice = run_data(options, name="run_dir", loader=loader, device=par.device,
+                                          batch=inception_batch)
+        if not isinstance(images, torch.Tensor):
+            opened.callback(images.close)
+        if data_images is not None:
+            if data_images > images.shape[0]:
+                raise ValueError(f"data_images: expected at most the {images.shape[0]} images of the run's data "
+                                 f"set {source}, got {data_images}")
+            images = first_images(images, data_images)
+        if images.shape[0] < 2:
+            raise ValueError(f"run_dir: the run's data set {source} holds {images.shape[0]} image; stats need >= 2")
         features = _features.feature_network(inception, mode, par.device, inception_batch)
         chw = (config.in_channels, config.img_resolution, config.img_resolution)
         for name, r in (("ref", refs["clean"]), ("proximal_ref", refs["corrupted"])):
             if r is not None:
                 check_dim(name, r[0], features, chw)
+        if par.main:  # after every check: an error is the first line said
+            print(f"loader {choice}", flush=True)
         table = _measure(options, images, refs, rows, features, par, ckpt=ckpt, teacher_ckpt=teacher_ckpt, num=num,
                          steps=steps, batch=batch, precision=precision, grid_images=grid_images,
                          inception_batch=inception_batch)
@@ -67,8 +77,8 @@ def evaluate(run_dir, *, ckpt=None, num=50000, steps=None, ref=None, proximal_re
             return None
         info = dict(run=os.fspath(run_dir), ckpt=ckpt, teacher_ckpt=teacher_ckpt,
                     corruption=repr(options.make_corruption()), noisy_data=options.noisy_data, seed=options.seed,
-                    data=source, data_images=images.shape[0], num=num, steps=steps, precision=precision, mode=mode,
-                    world_size=par.world_size,
+                    data=source, loader=choice, data_images=images.shape[0], num=num, steps=steps,
+                    precision=precision, mode=mode, world_size=par.world_size,
                     references={k: _describe(v, p, images.shape[0]) for (k, v), p in
                                 zip(refs.items(), (ref, proximal_ref), strict=True)},
                     **table)
@@ -136,7 +146,8 @@ def _measure(options, images, refs, rows, features, par, *, ckpt, teacher_ckpt, 
         if kind is None:
             out.append(measure(key, name, None, obs["corrupted"], obs["proximal"], images.shape[0], grid_images))
             if grid_images and par.main:
-                grids[key] = observations(options, images[:grid_images].to(par.device))
+                shown = torch.arange(min(grid_images, images.shape[0]))
+                grids[key] = observations(options, take_images(images, shown).to(par.device))
             continue
         sampler = load_sampler(ckpt if kind == "one-step" else teacher_ckpt, kind, steps, par.device, precision)
         feats, proximal_feats = features_with_proximal(sampler, range(num), features, batch=batch, desc=name)
