@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from dsd_fast import checks
 from dsd_fast.cli import main
 from dsd_fast.data import GPUData
 from dsd_fast.networks import PRESETS, build_network, resolve_config
@@ -23,7 +24,7 @@ from dsd_fast.training import Distill, Options, Pretrain, TrainingError, train
 from dsd_fast.training.ema import EMA, ema_beta
 from dsd_fast.training.loop import seed_dropout
 from dsd_fast.training.phase1 import sample_sigma_t
-from dsd_fast.training.phase2 import _apply
+from dsd_fast.training.update import guarded_step
 
 CPU = torch.device("cpu")
 CONFIG = resolve_config("cpu-tiny")
@@ -71,12 +72,12 @@ def test_losses_fall_on_a_fixed_batch(corruption):
     fake = []
     for _ in range(3):
         fake.append(d.f_psi_step(0, 2, shape))
-        assert _apply(d.f_psi_opt, fake[-1], 1e-3)
+        assert guarded_step(d.f_psi_opt, fake[-1], 1e-3)
     assert fake[-1] < fake[0], fake
     gen = []
     for _ in range(3):
         gen.append(d.generator_step(0, 2, shape))
-        assert _apply(d.G_opt, gen[-1], 1e-4)
+        assert guarded_step(d.G_opt, gen[-1], 1e-4)
     assert gen[-1] < gen[0], gen
     # The generator step never changes the frozen teacher or the fake score.
     assert all(not p.requires_grad for p in d.f_phi.parameters())
@@ -418,8 +419,8 @@ def test_fake_steps_and_fake_lr():
         assert finite and (metrics["lr"], metrics["fake_lr"]) == (1e-4, 3e-4)
         seed_dropout(o.seed, k, 0)
         for j in range(3):
-            assert _apply(ref.f_psi_opt, ref.f_psi_step(3 * k + j, 2, shape), 3e-4)
-        assert _apply(ref.G_opt, ref.generator_step(k, 2, shape), 1e-4)
+            assert guarded_step(ref.f_psi_opt, ref.f_psi_step(3 * k + j, 2, shape), 3e-4)
+        assert guarded_step(ref.G_opt, ref.generator_step(k, 2, shape), 1e-4)
     assert seen == [0, 1, 2, 3, 4, 5]
     for net in ("f_psi", "G"):
         for a, b in zip(getattr(d, net).parameters(), getattr(ref, net).parameters(), strict=True):
@@ -433,3 +434,46 @@ def test_fake_steps_and_fake_lr():
     for bad in (dict(fake_steps=0), dict(fake_steps=1.5), dict(fake_lr=0.0), dict(fake_lr=-1e-4)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             _options(**bad)
+
+
+class _NoHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on every op that reads a tensor's value on the host: each is a device sync on CUDA (.item(),
+    bool(), float(), int(), nonzero, masked_select). A CPU stand-in for torch.cuda.set_sync_debug_mode("error")."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default, torch.ops.aten.equal.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise AssertionError(f"host read of a tensor value in a training step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("corruption", ["noise", "blur"])
+def test_steps_read_nothing_on_the_host(corruption, monkeypatch):
+    """A Phase I step and a Phase II step (fake_steps 2, batch_gpu rounds) read no tensor value on the host, also
+    when the loss is not finite; the non-finite guard still skips the update, on the device."""
+    o = _options(batch=4, batch_gpu=2, fake_steps=2, **_corruption(corruption))
+    p = Pretrain(o, CONFIG, _data(o), CPU)
+    p.step(0)  # Adam's state and the lazy module set-up, outside the check
+    d = Distill(o, CONFIG, None, CPU, p.ema.state_dict())
+    d.step(0)
+    # The argument checks that read values run on the CPU only (checks.reads_values): as on a device, skip them.
+    monkeypatch.setattr(checks, "reads_values", lambda t: False)
+    with monkeypatch.context() as m, _NoHostReads():
+        for name in ("tolist", "cpu", "numpy"):
+            m.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"Tensor.{_n} in a step"))
+        finite, metrics = p.step(1)
+        finite2, metrics2 = d.step(1)
+    assert bool(finite) and bool(finite2) and math.isfinite(float(metrics["loss"]))
+    assert math.isfinite(float(metrics2["fake_loss"])) and (p.nonfinite, d.nonfinite) == (0, 0)
+    # A non-finite generator loss: G, its EMA and its Adam state stay as they were, and the count says 1.
+    before = [t.clone() for t in (*d.G.parameters(), *d.G_ema.net.parameters())]
+    g_state = {k: v.clone() for k, v in next(iter(d.G_opt.state.values())).items()}
+    d.generator_loss_fn = lambda z, s, e: torch.full((z.shape[0],), float("nan"), requires_grad=True) * 1
+    with _NoHostReads():
+        finite, _ = d.step(2)
+    assert not bool(finite) and d.nonfinite == 1 and d.bad.read() == (1, 1, 2)
+    after = [*d.G.parameters(), *d.G_ema.net.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(torch.equal(v, next(iter(d.G_opt.state.values()))[k]) for k, v in g_state.items())

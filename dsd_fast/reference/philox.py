@@ -10,7 +10,7 @@ import operator
 
 import torch
 
-from ..checks import reads_values
+from .. import checks
 
 MASK32 = 0xFFFFFFFF
 PHILOX_KEY_A = 0x9E3779B9  # Weyl key increments (golden ratio, sqrt(3) - 1), as Random123 and Triton
@@ -156,7 +156,7 @@ def corrupt_noise(seed, index, chw, dtype=torch.float32, device=None):
         raise ValueError(f"chw must be three positive ints (C, H, W), got {chw!r}")
     n = C * H * W
     index = index.to(device=device if device is not None else index.device, dtype=torch.int64)
-    if index.numel() and reads_values(index) and (int(index.min()) < 0 or int(index.max()) > 2**63 // n - 1):
+    if index.numel() and checks.reads_values(index) and (int(index.min()) < 0 or int(index.max()) > 2**63 // n - 1):
         raise ValueError(f"index must lie in [0, 2^63 // (C*H*W) - 1] (int64 offsets), got range "
                          f"[{int(index.min())}, {int(index.max())}]")
     counter = index[:, None] * n + torch.arange(n, dtype=torch.int64, device=index.device)

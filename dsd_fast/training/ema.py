@@ -25,9 +25,17 @@ class EMA:
         self.net = copy.deepcopy(net).eval().requires_grad_(False) if frozen_copy is None else frozen_copy(net)
 
     @torch.no_grad()
-    def update(self, net, beta):
+    def update(self, net, beta, finite=None):
+        """ema <- beta ema + (1 - beta) net; finite (a 0-d bool tensor): False leaves the average as it is, decided
+        on the device (a skipped step's weights are unchanged, but its buffers are copied either way)."""
         ema_params = [local(p) for p in self.net.parameters()]
-        torch._foreach_lerp_(ema_params, [local(p.detach()) for p in net.parameters()], 1.0 - beta)
+        weight = 1.0 - beta
+        if finite is not None:
+            # A tensor weight per parameter (a 0-d one would be read on the host as a Scalar), in the parameters'
+            # dtype: a float weight is applied in their precision too.
+            w = torch.where(finite, weight, 0.0).to(ema_params[0].dtype)
+            weight = [w.expand_as(p) for p in ema_params]
+        torch._foreach_lerp_(ema_params, [local(p.detach()) for p in net.parameters()], weight)
         for b_ema, b in zip(self.net.buffers(), net.buffers(), strict=True):
             b_ema.copy_(b)
 

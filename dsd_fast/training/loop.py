@@ -173,7 +173,8 @@ def deferred_sigint():
 
 def run_phase(phase, run, total_steps, *, on_step=None, progress=True, select=None):
     """Steps phase.completed..total_steps-1 of `phase`, an object with name, options, device, par (Parallel),
-    completed (steps done), nonfinite (count), step(k) -> (finite, metrics), state_dict() (the full state),
+    completed (steps done), bad (update.NonFinite), step(k) -> (finite, metrics) (0-d device tensors or floats,
+    read only when the loop logs, measures, checkpoints or calls on_step), state_dict() (the full state),
     network_state() (the small snapshot: network_snapshot), snapshot(run) (grids); every rank runs it (checkpoints
     and snapshots are collectives under FSDP), rank 0 writes. Returns "done" or "interrupted" (Ctrl-C: last.pt is
     written at the last completed step; the caller exits 0).
@@ -234,23 +235,34 @@ def _steps(phase, run, total_steps, bar, on_step, interrupted, select):
     state_steps = max(1, steps_for(o.state_kimg, batch)) if o.state_kimg else 0
     fid_steps = max(1, steps_for(o.fid_every_kimg, batch))
     postfix = {}
-    bad_in_a_row = 0
     t_log, step_log = time.perf_counter(), phase.completed
-    # Ranks see Ctrl-C at different steps: all leave the loop together, at the first step any saw it.
-    while phase.completed < total_steps and not phase.par.any(interrupted.is_set()):
+    par = phase.par
+    while phase.completed < total_steps:
         k = phase.completed
-        finite, metrics = phase.step(k)
+        # Ranks see Ctrl-C at different steps: all leave the loop together, at the first step any saw it that
+        # they compare at (every log_every steps with several ranks: the comparison is a collective and a sync).
+        if (par.world_size == 1 or k % o.log_every == 0) and par.any(interrupted.is_set()):
+            break
+        finite, metrics = phase.step(k)  # device tensors: read (one sync) only below, when something needs them
         step = phase.completed
-        bad_in_a_row = 0 if finite else bad_in_a_row + 1
-        if bad_in_a_row >= o.max_nonfinite:
-            raise TrainingError(f"{phase.name}: {bad_in_a_row} non-finite losses in a row (last at step {k}, "
+        log = step % o.log_every == 0 or step == total_steps
+        measure = select is not None and (step % fid_steps == 0 or step == total_steps)
+        snapshot = step % snapshot_steps == 0 or step == total_steps
+        keep_state = bool(state_steps) and step % state_steps == 0
+        if not (log or measure or snapshot or keep_state or on_step is not None):
+            bar.update(1)
+            continue
+        nonfinite, in_a_row, last_bad = phase.bad.read()
+        metrics = {key: float(v) for key, v in metrics.items()}
+        if in_a_row >= o.max_nonfinite:
+            raise TrainingError(f"{phase.name}: {in_a_row} non-finite losses in a row (last at step {last_bad}, "
                                 f"{metrics}); stopping. The last good state is {run.file('last.pt')}; "
                                 f"lower the learning rate or use --precision fp32")
-        if step % o.log_every == 0 or step == total_steps:
+        if log:
             now = time.perf_counter()
             record = dict(phase=phase.name, step=step, kimg=step * batch / 1000,
                           img_per_s=(step - step_log) * batch / max(now - t_log, 1e-9),
-                          mem_mb=round(memory_mb(phase.device), 1), nonfinite=phase.nonfinite, **metrics)
+                          mem_mb=round(memory_mb(phase.device), 1), nonfinite=nonfinite, **metrics)
             record.update(_loader_record(phase, bar))
             run.log(record)
             t_log, step_log = now, step
@@ -259,7 +271,7 @@ def _steps(phase, run, total_steps, bar, on_step, interrupted, select):
             bar.set_postfix(postfix, refresh=False)
         bar.update(1)
         # The measurement comes before last.pt, like every other output of this step (see save_checkpoints).
-        if select is not None and (step % fid_steps == 0 or step == total_steps):
+        if measure:
             fid = select(phase, run)
             postfix["pfid"] = f"{fid['proximal_fid']:.4g}"
             bar.set_postfix(postfix, refresh=False)
@@ -268,8 +280,6 @@ def _steps(phase, run, total_steps, bar, on_step, interrupted, select):
                 tqdm.write(f"{phase.name}: Proximal FID {fid['proximal_fid']:.4g} at {fid['kimg']:.3f} kimg "
                            f"({fid['fid_images']} images, {fid['fid_s']:.1f} s){best}")
             t_log = time.perf_counter()
-        snapshot = step % snapshot_steps == 0 or step == total_steps
-        keep_state = bool(state_steps) and step % state_steps == 0
         if snapshot or keep_state:
             save_checkpoints(phase, run, snapshot, keep_state)
             t_log = time.perf_counter()  # img/s measures training steps, not snapshots

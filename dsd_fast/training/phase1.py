@@ -19,6 +19,7 @@ from ..rundir import network_snapshot
 from ..sampling import ambient_sample, dct_ode_sample
 from .ema import EMA, ema_beta
 from .loop import autocast, compiled, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
+from .update import NonFinite, adam, guarded_step, make_fused
 
 
 def sample_sigma_t(options, key, n, device, start=0, dtype=torch.float32):
@@ -50,27 +51,23 @@ def network_loss(D, corruption, x_t, y, sigma_t, precision):
     return corruption.precond_ambient_loss(F_x.to(y.dtype), x_t, y, sigma_t)
 
 
-def sample_offsets(n):
-    """Sample positions 0..n-1 of a rank's share, on the CPU: accumulate() splits them with the batch, and a
-    round's first position (start + j[0]) * CHW is its noise offset, read without a device sync."""
-    return torch.arange(n)
-
-
 def lr_at(options, lr, nimg):
     """EDM's linear ramp-up, evaluated at the images seen after this step (EDM uses the count before it, which
     makes step 0 a no-op)."""
     return lr * min(nimg / max(options.lr_rampup_kimg * 1000, 1e-8), 1.0)
 
 
-def accumulate(loss_fn, n, batch_gpu, *tensors, no_sync=contextlib.nullcontext):
+def accumulate(loss_fn, n, batch_gpu, *tensors, no_sync=contextlib.nullcontext, offsets=False):
     """Gradient accumulation over rounds of batch_gpu samples; each round backpropagates sum(loss) / n so the
     gradient is the batch mean whatever batch_gpu is (DDP/FSDP then average over ranks). no_sync(): context of
-    the non-final rounds (no gradient communication). Returns the summed per-sample loss (detached)."""
+    the non-final rounds (no gradient communication). offsets: also pass loss_fn the round's first sample
+    position in the rank's share (a Python int: a noise offset read without a device sync). Returns the summed
+    per-sample loss (detached, on the device)."""
     total = 0.0
     rounds = list(zip(*(t.split(batch_gpu) for t in tensors), strict=True))
     for i, parts in enumerate(rounds):
         with no_sync() if i < len(rounds) - 1 else contextlib.nullcontext():
-            loss = loss_fn(*parts)
+            loss = loss_fn(*parts, i * batch_gpu) if offsets else loss_fn(*parts)
             loss.sum().div(n).backward()
         total = total + loss.detach().sum()
     return total
@@ -91,12 +88,17 @@ class Pretrain:
         self.net = build_network(config).to(device, self.dtype).train()
         self.ema = EMA(self.net, self.par.average)
         self.trained = self.par.wrap(self.net)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.opt = adam(self.net.parameters(), options.lr, (0.9, 0.999))
         # --compile: network, preconditioning and fused loss (and their backward) as one compiled graph.
         self.net_loss = compiled(options, lambda x_t, y, s: network_loss(self.trained, self.corruption, x_t, y, s,
                                                                       options.precision))
         self.completed = 0
-        self.nonfinite = 0
+        self.bad = NonFinite(device)
+
+    @property
+    def nonfinite(self):
+        """Non-finite steps so far (a sync: read at checkpoints)."""
+        return int(self.bad.total)
 
     def state_dict(self):
         """The full training state (last.pt): unsharded tensors and plain containers; a collective under FSDP,
@@ -115,14 +117,16 @@ class Pretrain:
         self.par.load_state_dict(self.net, state["net"])
         self.par.load_state_dict(self.ema.net, state["ema"])
         self.par.load_optim_state_dict(self.net, self.opt, state["opt"])
-        self.completed, self.nonfinite = state["step"], state["nonfinite"]
+        make_fused(self.opt)
+        self.completed, self.bad = state["step"], NonFinite(self.device, state["nonfinite"])
 
     def teacher_state(self):
         """The EMA's full state dict on every rank (Phase II's teacher)."""
         return self.par.state_dict(self.ema.net, everywhere=True)
 
     def step(self, k):
-        """One optimiser step k: (finite, metrics). A non-finite loss skips the update (counted)."""
+        """One optimiser step k: (finite, metrics), device tensors (no host sync). A non-finite loss skips the
+        update (counted)."""
         o, dev, par, n = self.options, self.device, self.par, self.n
         seed_dropout(o.seed, k, par.rank)
         y, _ = self.data.batch(k, n, par.rank, par.world_size)
@@ -131,21 +135,16 @@ class Pretrain:
         sigma_t = sample_sigma_t(o, derive_seed(o.seed, "sigma_t", k), n, dev, start, self.dtype)
         seed, chw = derive_seed(o.seed, "eps", k), math.prod(y.shape[1:])
         self.opt.zero_grad(set_to_none=True)
-        loss_fn = lambda y_r, s_r, j_r: ambient_training_loss(self.trained, self.corruption, y_r, s_r, seed,
-                                                              (start + int(j_r[0])) * chw, o.precision, self.net_loss)
-        total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, sample_offsets(n),
-                           no_sync=lambda: par.no_sync(self.trained))
-        loss = par.sum(total).item() / o.batch
+        loss_fn = lambda y_r, s_r, j: ambient_training_loss(self.trained, self.corruption, y_r, s_r, seed,
+                                                            (start + j) * chw, o.precision, self.net_loss)
+        total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, no_sync=lambda: par.no_sync(self.trained),
+                           offsets=True)
+        loss = par.sum(total) / o.batch  # stays on the device: the loop reads it when it logs
         lr = lr_at(o, o.lr, (k + 1) * o.batch)
-        finite = math.isfinite(loss)
-        if finite:
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            self.opt.step()
-            self.ema.update(self.net, ema_beta((k + 1) * o.batch, o.batch, o.ema_halflife_kimg, o.ema_rampup_ratio))
-        else:
-            self.nonfinite += 1
-        self.opt.zero_grad(set_to_none=True)
+        finite = guarded_step(self.opt, loss, lr)
+        self.ema.update(self.net, ema_beta((k + 1) * o.batch, o.batch, o.ema_halflife_kimg, o.ema_rampup_ratio),
+                        finite)
+        self.bad.add(finite, k)
         self.completed = k + 1
         return finite, dict(loss=loss, lr=lr)
 

@@ -31,10 +31,10 @@ from .phase1 import (
     ambient_training_loss,
     grid_latents,
     network_loss,
-    sample_offsets,
     sample_sigma_t,
     save_data_grid,
 )
+from .update import NonFinite, adam, guarded_step, make_fused
 
 
 def check_teacher(state, config, source):
@@ -73,16 +73,21 @@ class Distill:
         self.G_ema = EMA(self.G, par.average)
         # What trains f_psi and G: DDP-wrapped or sharded, their gradients averaged over ranks.
         self.synced = types.SimpleNamespace(f_psi=par.wrap(self.f_psi), G=par.wrap(self.G))
-        adam = dict(betas=(0.0, 0.999), eps=1e-8)  # SiD: no first-moment momentum
-        self.f_psi_opt = torch.optim.Adam(self.f_psi.parameters(), lr=options.fake_lr, **adam)
-        self.G_opt = torch.optim.Adam(self.G.parameters(), lr=options.g_lr, **adam)
+        betas = (0.0, 0.999)  # SiD: no first-moment momentum
+        self.f_psi_opt = adam(self.f_psi.parameters(), options.fake_lr, betas)
+        self.G_opt = adam(self.G.parameters(), options.g_lr, betas)
         # --compile: each step's loss end to end: the fake score's network + loss, and the whole generator loss
         # (G, the injection at the step's levels, both score nets, the SiD / DMD / SDS loss) with their backward.
         self.f_psi_loss = compiled(options, lambda x_t, y, s: network_loss(self.synced.f_psi, self.corruption, x_t, y,
                                                                         s, options.precision))
         self.generator_loss_fn = compiled(options, self.generator_loss)
         self.completed = 0
-        self.nonfinite = 0
+        self.bad = NonFinite(device)
+
+    @property
+    def nonfinite(self):
+        """Non-finite steps so far (a sync: read at checkpoints)."""
+        return int(self.bad.total)
 
     def state_dict(self):
         """The full training state (last.pt): unsharded tensors and plain containers; a collective under FSDP,
@@ -104,7 +109,9 @@ class Distill:
             par.load_state_dict(net, state[name])
         par.load_optim_state_dict(self.f_psi, self.f_psi_opt, state["fake_opt"])
         par.load_optim_state_dict(self.G, self.G_opt, state["G_opt"])
-        self.completed, self.nonfinite = state["step"], state["nonfinite"]
+        make_fused(self.f_psi_opt)
+        make_fused(self.G_opt)
+        self.completed, self.bad = state["step"], NonFinite(self.device, state["nonfinite"])
 
     def generate(self, z):
         with autocast(self.options.precision, z.device):
@@ -125,12 +132,11 @@ class Distill:
         sigma_t = sample_sigma_t(o, key("sigma_fake"), n, dev, start, self.dtype)
         seed, chw = key("eps_fake"), math.prod(shape[1:])
         self.f_psi_opt.zero_grad(set_to_none=True)
-        loss_fn = lambda y_r, s_r, j_r: ambient_training_loss(self.synced.f_psi, self.corruption, y_r, s_r,
-                                                              seed, (start + int(j_r[0])) * chw, o.precision,
-                                                              self.f_psi_loss)
-        total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, sample_offsets(n),
-                           no_sync=lambda: par.no_sync(self.synced.f_psi))
-        return par.sum(total).item() / (n * par.world_size)
+        loss_fn = lambda y_r, s_r, j: ambient_training_loss(self.synced.f_psi, self.corruption, y_r, s_r, seed,
+                                                            (start + j) * chw, o.precision, self.f_psi_loss)
+        total = accumulate(loss_fn, n, self.batch_gpu, y, sigma_t, no_sync=lambda: par.no_sync(self.synced.f_psi),
+                           offsets=True)
+        return par.sum(total) / (n * par.world_size)
 
     def generator_loss(self, z, sigma_t, eps):
         """Per-sample generator loss [B] (sid, dmd or sds); gradients reach G through x_g and through the
@@ -162,13 +168,13 @@ class Distill:
         try:
             total = accumulate(self.generator_loss_fn, n, self.batch_gpu, z, sigma_t, eps,
                                no_sync=lambda: par.no_sync(self.synced.G))
-            return par.sum(total).item() / (n * par.world_size)
+            return par.sum(total) / (n * par.world_size)
         finally:
             self.f_psi.train().requires_grad_(True)
 
     def step(self, k):
-        """fake_steps fake-score updates then one generator update; a non-finite loss skips that update (counted
-        once per step)."""
+        """fake_steps fake-score updates then one generator update: (finite, metrics), device tensors (no host
+        sync). A non-finite loss skips that update (counted once per step)."""
         o, n = self.options, self.n
         shape = (n, self.config.in_channels, self.config.img_resolution, self.config.img_resolution)
         nimg = (k + 1) * o.batch
@@ -177,14 +183,13 @@ class Distill:
         fake_ok, fake_losses = True, []
         for j in range(o.fake_steps):
             fake_losses.append(self.f_psi_step(k * o.fake_steps + j, n, shape))
-            fake_ok &= _apply(self.f_psi_opt, fake_losses[-1], o.fake_lr)
+            fake_ok = fake_ok & guarded_step(self.f_psi_opt, fake_losses[-1], o.fake_lr)
         fake_loss = sum(fake_losses) / len(fake_losses)
         g_loss = self.generator_step(k, n, shape)
-        g_ok = _apply(self.G_opt, g_loss, o.g_lr)
-        if g_ok:
-            self.G_ema.update(self.G, ema_beta(nimg, o.batch, o.g_ema_halflife_kimg, o.ema_rampup_ratio))
-        finite = fake_ok and g_ok
-        self.nonfinite += not finite
+        g_ok = guarded_step(self.G_opt, g_loss, o.g_lr)
+        self.G_ema.update(self.G, ema_beta(nimg, o.batch, o.g_ema_halflife_kimg, o.ema_rampup_ratio), g_ok)
+        finite = fake_ok & g_ok
+        self.bad.add(finite, k)
         self.completed = k + 1
         return finite, dict(loss=g_loss, fake_loss=fake_loss, lr=o.g_lr, fake_lr=o.fake_lr)
 
@@ -196,13 +201,3 @@ class Distill:
                 x = one_step(self.G_ema.net, z, self.options.sigma_init)
             run.save_grid(x, f"{self.name}-{self.completed * self.options.batch / 1000:010.3f}kimg-student.png")
 
-
-def _apply(opt, loss, lr):
-    """Adam step at lr if loss is finite, else drop the gradients. Returns whether the step was applied."""
-    ok = math.isfinite(loss)
-    if ok:
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return ok
