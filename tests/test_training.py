@@ -477,3 +477,25 @@ def test_steps_read_nothing_on_the_host(corruption, monkeypatch):
     after = [*d.G.parameters(), *d.G_ema.net.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert all(torch.equal(v, next(iter(d.G_opt.state.values()))[k]) for k, v in g_state.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("corruption", ["noise", "blur"])
+def test_cuda_steps_do_not_sync(corruption):
+    """On CUDA, with torch.cuda.set_sync_debug_mode("error"): a Phase I and a Phase II step (batch_gpu rounds,
+    fake_steps 2) from the resident loader raise nothing (no .item(), no blocking copy, no data-dependent shape)."""
+    cuda = torch.device("cuda")
+    o = _options(batch=4, batch_gpu=2, fake_steps=2, **_corruption(corruption))
+    data = GPUData(_images(5), device=cuda, corruption=o.make_corruption(), seed=o.seed)
+    p = Pretrain(o, CONFIG, data, cuda)
+    p.step(0)  # lazy set-up (Adam state, cuBLAS handles) outside the check
+    d = Distill(o, CONFIG, None, cuda, p.ema.state_dict())
+    d.step(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        finite, _ = p.step(1)
+        finite2, _ = d.step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(finite) and bool(finite2)
