@@ -7,6 +7,7 @@ import scipy.fft
 import scipy.ndimage
 import torch
 
+from dsd_fast.reference import dct as ref
 from dsd_fast.reference.dct import blur_eigenvalues, dct2, dct_blur, dct_matrix, idct2
 
 SHAPES = [(5, 7), (28, 28), (32, 32), (64, 48), (1, 9)]
@@ -128,3 +129,28 @@ def test_bad_inputs():
         blur_eigenvalues(4, 2.5)
     with pytest.raises(ValueError, match="^b:"):
         dct_blur(x, float("inf"))
+
+
+def test_coefficients_closed_forms():
+    """coefficients: r = exp(-lam (b_s^2 - blur^2) / 2), q2 = s^2 - r^2 sigma^2, rho = sigma^2 / s^2,
+    a = Lambda_n (1 - rho r^2), in fp64 on random levels; Lambda = 1 (no blur) gives the noise case's
+    (1, s^2 - sigma^2, sigma^2 / s^2, 1 - sigma^2 / s^2)."""
+    H, W, B = 5, 7, 4
+    lam = ref.blur_eigenvalues(H, W)
+    sigma, blur = 0.05 + 0.3 * torch.rand(()).item(), 0.5 + torch.rand(()).item()
+    s = sigma + torch.rand(B, dtype=torch.float64) * 3 + 1e-3
+    b_s = blur + torch.rand(B, dtype=torch.float64)
+    r, q2, rho, a = ref.coefficients(lam, s, b_s, sigma, blur)
+    col = lambda v: v.view(-1, 1, 1, 1)
+    r_want = torch.exp(-0.5 * lam * (col(b_s) ** 2 - blur**2))
+    torch.testing.assert_close(r.expand(B, 1, H, W), r_want.expand(B, 1, H, W), rtol=1e-12, atol=0)
+    torch.testing.assert_close(q2, col(s) ** 2 - r_want**2 * sigma**2, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(rho.expand(B, 1, 1, 1), sigma**2 / col(s) ** 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a, torch.exp(-0.5 * lam * blur**2) * (1 - sigma**2 / col(s) ** 2 * r_want**2),
+                               rtol=1e-12, atol=1e-15)
+    r, q2, rho, a = ref.coefficients(torch.zeros(H, W, dtype=torch.float64), s, torch.zeros(B, dtype=torch.float64),
+                                     sigma, 0.0)
+    assert torch.equal(r, torch.ones_like(r))
+    torch.testing.assert_close(q2.expand(B, 1, H, W), (col(s) ** 2 - sigma**2).expand(B, 1, H, W), rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.expand(B, 1, H, W), (1 - sigma**2 / col(s) ** 2).expand(B, 1, H, W), rtol=1e-12,
+                               atol=1e-15)

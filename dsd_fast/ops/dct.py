@@ -19,7 +19,6 @@ from torch import Tensor
 from dsd_fast.ops import backend
 from dsd_fast.ops.noise import out_buffer
 from dsd_fast.reference import dct as _ref
-from dsd_fast.reference import edm as _edm
 from dsd_fast.reference import philox as _philox
 
 MAX_SIZE = 128  # one whole [H, W] tile per program (and its DCT matrices) must sit in registers
@@ -221,17 +220,11 @@ dct_blur.register_autograd(_dct_blur_backward, setup_context=_dct_blur_setup)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The blur + noise process coefficients (reference math; the kernels compute the same in registers).
+# The blur + noise process coefficients: the reference's (the kernels compute the same in registers).
 
 def _coeffs(x, s, b_s, sigma, blur):
-    """r, q^2, rho, a for x's [H, W] and per-sample s, b_s -> each broadcastable to [B, C, H, W]."""
-    lam = _lam(x)
-    s, b_s = _col(s.to(x.dtype)), _col(b_s.to(x.dtype))
-    r = torch.exp(-0.5 * lam * _edm.blur_excess(b_s, blur))
-    q2 = _edm.added_variance(s, r, sigma)
-    rho = sigma**2 / s**2
-    a = torch.exp(-0.5 * lam * blur**2) * q2 / s**2
-    return r, q2, rho, a
+    """reference.dct.coefficients (r, q^2, rho, a) for x's [H, W] and per-sample s, b_s."""
+    return _ref.coefficients(_lam(x), s.to(x.dtype), b_s.to(x.dtype), sigma, blur)
 
 
 # ----------------------------------------------------------------------------------------------------

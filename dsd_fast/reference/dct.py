@@ -89,24 +89,30 @@ def dct_blur(x, b):
     return idct2(torch.exp(-0.5 * lam * b**2) * dct2(x))
 
 
-def _process(x, s, b_s, sigma, blur):
-    """(lambda [H, W], r = Lambda_s/Lambda_n, s, as [B, 1, 1, 1]) of the blur + noise process; r <= 1 by
-    construction (edm.blur_excess), never dividing by Lambda_n."""
+def coefficients(lam, s, b_s, sigma, blur):
+    """The blur + noise process at level s (blur std b_s) from the observation (sigma, blur), per DCT frequency
+    lam [H, W] (blur_eigenvalues) and per-sample s, b_s [B] (in lam's dtype): (r, q2, rho, a), each
+    broadcastable to [B, 1, H, W]. r = Lambda_s / Lambda_n <= 1 by construction (edm.blur_excess, never dividing
+    by Lambda_n); q2 = s^2 - r^2 sigma^2, the injected variance; rho = (sigma/s)^2 (not sigma^2/s^2: s^2 may
+    underflow where sigma/s does not); a = Lambda_n (1 - rho r^2), the adjusted prediction's x0_hat coefficient."""
+    s, b_s = s.reshape(-1, 1, 1, 1), b_s.reshape(-1, 1, 1, 1)
+    r = torch.exp(-0.5 * lam * blur_excess(b_s, blur))
+    rho = (sigma / s) ** 2
+    return r, added_variance(s, r, sigma), rho, torch.exp(-0.5 * lam * blur**2) * (1 - rho * r**2)
+
+
+def _coefficients(x, s, b_s, sigma, blur):
     lam = blur_eigenvalues(*x.shape[-2:], x.dtype, x.device)
-    s, b_s = s.to(x.dtype).reshape(-1, 1, 1, 1), b_s.to(x.dtype).reshape(-1, 1, 1, 1)
-    return lam, torch.exp(-0.5 * lam * blur_excess(b_s, blur)), s
+    return coefficients(lam, s.to(x.dtype), b_s.to(x.dtype), sigma, blur)
 
 
 def dct_inject(y, eps, s, b_s, sigma, blur):
     """X_s = D^T (r D y + sqrt(s^2 - r^2 sigma^2) D eps): the process at level s (blur std b_s [B]) from y."""
-    _, r, s = _process(y, s, b_s, sigma, blur)
-    return idct2(r * dct2(y) + added_variance(s, r, sigma).sqrt() * dct2(eps))
+    r, q2, _, _ = _coefficients(y, s, b_s, sigma, blur)
+    return idct2(r * dct2(y) + q2.sqrt() * dct2(eps))
 
 
 def dct_adjusted_prediction(x0_hat, x_t, s, b_s, sigma, blur):
-    """y_hat = D^T (rho r D x_t + Lambda_n (1 - rho r^2) D x0_hat), rho = (sigma/s)^2 (not sigma^2/s^2: s^2 may
-    underflow where sigma/s does not)."""
-    lam, r, s = _process(x_t, s, b_s, sigma, blur)
-    rho = (sigma / s) ** 2
-    Lambda_n = torch.exp(-0.5 * lam * blur**2)
-    return idct2(rho * r * dct2(x_t) + Lambda_n * (1 - rho * r**2) * dct2(x0_hat))
+    """y_hat = D^T (rho r D x_t + Lambda_n (1 - rho r^2) D x0_hat) (coefficients)."""
+    r, _, rho, a = _coefficients(x_t, s, b_s, sigma, blur)
+    return idct2(rho * r * dct2(x_t) + a * dct2(x0_hat))
