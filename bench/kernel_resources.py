@@ -31,6 +31,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
+from dsd_fast.ops import backend  # noqa: E402
 from dsd_fast.ops import dct as ops_dct  # noqa: E402
 from dsd_fast.ops import losses as ops_losses  # noqa: E402
 from dsd_fast.ops import noise as ops_noise  # noqa: E402
@@ -126,8 +127,7 @@ def _install(recorder):
     triton_jit.JITFunction.run = lambda self, *args, grid, warmup, **kwargs: recorder.run(self, args, kwargs)
     os.environ["TRITON_INTERPRET"] = "1"  # lets backend.choose pick triton for CPU tensors ...
     os.environ["DSD_FAST_BACKEND"] = "triton"
-    ops_noise.interpreting = lambda device: False  # ... while the launchers size blocks as on a GPU
-    ops_losses.interpreting = lambda device: False
+    backend.interpreting = lambda device: False  # ... while the launchers size blocks as on a GPU
     ops_losses._sm_count = lambda device: LIMITS[recorder.target.arch]["sms"]
 
 

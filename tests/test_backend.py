@@ -148,3 +148,36 @@ def test_cuda_ext_failing_its_self_check_is_never_used(monkeypatch, fake_ext, op
     monkeypatch.setenv("DSD_FAST_BACKEND", "cuda_ext")
     with pytest.raises(RuntimeError, match=f"DSD_FAST_BACKEND=cuda_ext cannot run {op}: the CUDA extension's"):
         call()
+
+
+def test_pick_is_the_one_dispatch_rule(monkeypatch):
+    """backend.pick: the device rule (choose), then dtype, the image-size limit and the CUDA extension's
+    self-check; auto falls back (cuda_ext -> triton -> reference), a forced backend raises naming the reason,
+    strict=False answers "reference" instead."""
+    x32, x64 = torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8, dtype=torch.float64)
+    big = torch.zeros(1, 1, 8, 200)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("DSD_FAST_BACKEND", "auto")
+    assert backend.pick("op", x32) == "reference"  # a CPU tensor: no kernel backend without the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.pick("op", x32, ("triton", "reference")) == "reference"  # auto never picks the interpreter
+    monkeypatch.setenv("DSD_FAST_BACKEND", "triton")
+    if backend._has_triton():
+        assert backend.pick("op", x32, ("triton", "reference"), max_size=128) == "triton"
+        with pytest.raises(RuntimeError, match="DSD_FAST_BACKEND=triton cannot run op: .*float64"):
+            backend.pick("op", x64, ("triton", "reference"))
+        with pytest.raises(RuntimeError, match=r"H, W <= 128, got \(8, 200\)"):
+            backend.pick("op", big, ("triton", "reference"), max_size=128)
+        assert backend.pick("op", big, ("triton", "reference"), max_size=128, strict=False) == "reference"
+        assert backend.pick("op", big, ("triton", "reference")) == "triton"  # no limit given
+    # The CUDA extension's self-check (a stale build): auto moves on to triton, forced raises its reason.
+    monkeypatch.setattr(backend, "choose", lambda op, device, supported: supported[0])
+    monkeypatch.setattr(backend, "cuda_ext", lambda: object())
+    stale = lambda ext, op, device: "stale build"
+    monkeypatch.setenv("DSD_FAST_BACKEND", "auto")
+    assert backend.pick("op", x32, self_check=stale) == "triton"
+    assert backend.pick("op", x32, self_check=lambda ext, op, device: None) == "cuda_ext"
+    assert backend.pick("op", x64, self_check=stale) == "reference"
+    monkeypatch.setenv("DSD_FAST_BACKEND", "cuda_ext")
+    with pytest.raises(RuntimeError, match="DSD_FAST_BACKEND=cuda_ext cannot run op: stale build"):
+        backend.pick("op", x32, self_check=stale)

@@ -17,45 +17,29 @@ import torch
 from torch import Tensor
 
 from dsd_fast.ops import backend
-from dsd_fast.ops.noise import out_buffer
+from dsd_fast.ops.backend import next_pow2, out_buffer
 from dsd_fast.reference import dct as _ref
 from dsd_fast.reference import philox as _philox
 
 MAX_SIZE = 128  # one whole [H, W] tile per program (and its DCT matrices) must sit in registers
 SUPPORTED = ("triton", "reference")
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Backend choice and launch helpers.
-
-def _why_not_triton(x):
-    if x.dtype not in _TRITON_DTYPES:
-        return f"the kernels take float32/bfloat16/float16 images, got {x.dtype}"
-    if x.shape[-2] > MAX_SIZE or x.shape[-1] > MAX_SIZE:
-        return f"the kernels take H, W <= {MAX_SIZE}, got {tuple(x.shape[-2:])}"
-    return None
-
+# Backend choice (backend.pick, with the tile limit) and launch helpers.
 
 def can_fuse(op, x):
     """True when the Triton kernel of `op` would run on x (chosen backend and eligible input); callers
     with their own unfused math (dsd_fast.corruption) use it instead of the op's strict forced-backend rule."""
-    return backend.choose(op, x.device, supported=SUPPORTED) == "triton" and _why_not_triton(x) is None
+    return backend.pick(op, x, SUPPORTED, max_size=MAX_SIZE, strict=False) == "triton"
 
 
 def _use_triton(op, x):
-    if backend.choose(op, x.device, supported=SUPPORTED) != "triton":
-        return False
-    reason = _why_not_triton(x)
-    if reason is None:
-        return True
-    if backend.requested() == "triton":
-        raise RuntimeError(f"DSD_FAST_BACKEND=triton cannot run {op}: {reason}")
-    return False
+    return backend.pick(op, x, SUPPORTED, max_size=MAX_SIZE) == "triton"
 
 
 def _block(n):
-    return max(16, 1 << (n - 1).bit_length())  # tl.dot needs every dim >= 16
+    return max(16, next_pow2(n))  # tl.dot needs every dim >= 16
 
 
 @functools.cache

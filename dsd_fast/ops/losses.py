@@ -15,7 +15,9 @@ import functools
 import torch
 from torch import Tensor
 
-from dsd_fast.ops.noise import SUPPORTED, cdiv, elementwise_block, interpreting, next_pow2, out_buffer, use_triton
+from dsd_fast.ops import backend
+from dsd_fast.ops.backend import cdiv, elementwise_block, next_pow2, out_buffer
+from dsd_fast.ops.noise import SUPPORTED
 from dsd_fast.reference import edm as _edm
 from dsd_fast.reference import losses as _losses
 
@@ -31,7 +33,7 @@ PROGRAMS_PER_SM = 2  # small batches are split into chunks until the grid has th
                      # B >= 2 x SMs (e.g. 512 on an H100) keeps one chunk per sample: a single launch
 GPU_REDUCE_BLOCK = 1024  # elements per loop step of the forward reductions
 FWD_WARPS = 4  # forward reductions
-BWD_WARPS = 4  # one-block-per-program backward kernels (BLOCK from ops.noise.elementwise_block)
+BWD_WARPS = 4  # one-block-per-program backward kernels (BLOCK from backend.elementwise_block)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -52,7 +54,7 @@ def _sm_count(device):
 def reduce_layout(B, chw, device):
     """(BLOCK, CHUNK, NC) of the forward reductions: NC chunks per sample of CHUNK elements (a multiple of
     BLOCK)."""
-    if interpreting(device):
+    if backend.interpreting(device):
         block = min(next_pow2(chw), 16384)
         return block, cdiv(chw, block) * block, 1  # the interpreter pays per program: one per sample
     block = min(next_pow2(chw), GPU_REDUCE_BLOCK)
@@ -146,7 +148,7 @@ def ambient_fwd_triton(u, x_t, y, sigma_t, sigma, weight, precond):
 
 
 def _ambient_forward(u, x_t, y, sigma_t, sigma, weight, precond):
-    if not use_triton("ambient_loss", u) or u.numel() == 0:
+    if backend.pick("ambient_loss", u, SUPPORTED) != "triton" or u.numel() == 0:
         return _ambient_fwd_ref(u, x_t, y, sigma_t, sigma, weight, precond)
     return ambient_fwd_triton(u, x_t, y, sigma_t, sigma, weight, precond)
 
@@ -224,7 +226,7 @@ def _ambient_loss_backward(grad: Tensor, u: Tensor, x_t: Tensor, y: Tensor, sigm
                            weight: Tensor | None, precond: bool, needs: list[bool]
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. (u, x_t, y, sigma_t, weight) where `needs` says, else empty tensors."""
-    if not use_triton("ambient_loss", u) or u.numel() == 0:
+    if backend.pick("ambient_loss", u, SUPPORTED) != "triton" or u.numel() == 0:
         *grads, sums = _ambient_bwd_ref(grad, u, x_t, y, sigma_t, sigma, weight, precond, needs)
     else:
         *grads, sums = ambient_bwd_triton(grad, u, x_t, y, sigma_t, sigma, weight, precond, needs)
@@ -316,7 +318,7 @@ def _distill_setup(ctx, inputs, output):
 def _sid_generator_loss(f_phi: Tensor, f_psi: Tensor, x_g: Tensor, alpha: float,
                         weight: Tensor | None) -> tuple[Tensor, Tensor]:
     """(loss [B], w [B]): the per-sample loss and the weight it used."""
-    if not use_triton("sid_generator_loss", f_phi) or f_phi.numel() == 0:
+    if backend.pick("sid_generator_loss", f_phi, SUPPORTED) != "triton" or f_phi.numel() == 0:
         w = _distill_weight_ref(f_phi, x_g, None, weight, SID)
         return _losses.sid_generator_loss(f_phi, f_psi, x_g, alpha, w.to(f_phi.dtype)), w
     return distill_fwd_triton(f_phi, f_psi, x_g, None, None, weight, alpha, SID)
@@ -359,7 +361,7 @@ def _sid_generator_loss_backward(grad: Tensor, f_phi: Tensor, f_psi: Tensor, x_g
                                  alpha: float, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. (f_phi, f_psi, x_g, weight) where `needs` says, else empty tensors; w is the weight
     the forward used (so the weight's gradient is grad * S)."""
-    if not use_triton("sid_generator_loss", f_phi) or f_phi.numel() == 0:
+    if backend.pick("sid_generator_loss", f_phi, SUPPORTED) != "triton" or f_phi.numel() == 0:
         *grads, S = _sid_bwd_ref(grad, f_phi, f_psi, x_g, w, alpha, needs)
     else:
         *grads, S = sid_bwd_triton(grad, f_phi, f_psi, x_g, w, alpha, needs)
@@ -411,7 +413,7 @@ def distill_grad_triton(grad, f_phi, p1, eps, sigma_t, w, mode):
 @torch.library.custom_op("dsd_fast::dmd_loss", mutates_args=())
 def _dmd_loss(f_phi: Tensor, f_psi: Tensor, x_g: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor]:
     """(loss [B], w [B])."""
-    if not use_triton("dmd_loss", f_phi) or f_phi.numel() == 0:
+    if backend.pick("dmd_loss", f_phi, SUPPORTED) != "triton" or f_phi.numel() == 0:
         w = _distill_weight_ref(f_phi, x_g, None, weight, DMD)
         return _losses.dmd_loss(f_phi, f_psi, x_g, w.to(f_phi.dtype)), w
     return distill_fwd_triton(f_phi, f_psi, x_g, None, None, weight, 0.0, DMD)
@@ -423,7 +425,7 @@ _dmd_loss.register_fake(_distill_fake)
 @torch.library.custom_op("dsd_fast::dmd_loss_backward", mutates_args=())
 def _dmd_loss_backward(grad: Tensor, f_phi: Tensor, f_psi: Tensor, w: Tensor) -> Tensor:
     """dL/dx_g = grad w (f_psi - f_phi)."""
-    if not use_triton("dmd_loss", f_phi) or f_phi.numel() == 0:
+    if backend.pick("dmd_loss", f_phi, SUPPORTED) != "triton" or f_phi.numel() == 0:
         acc = _acc(f_phi)
         return (_col(grad.to(acc) * w.to(acc), f_phi) * (f_psi.to(acc) - f_phi.to(acc))).to(f_phi.dtype)
     return distill_grad_triton(grad, f_phi, f_psi, None, None, w, DMD)
@@ -458,7 +460,7 @@ def dmd_loss(f_phi, f_psi, x_g, weight=None):
 def _sds_loss(f_phi: Tensor, x_t: Tensor, eps: Tensor, x_g: Tensor, sigma_t: Tensor,
               weight: Tensor | None) -> tuple[Tensor, Tensor]:
     """(loss [B], w [B])."""
-    if not use_triton("sds_loss", f_phi) or f_phi.numel() == 0:
+    if backend.pick("sds_loss", f_phi, SUPPORTED) != "triton" or f_phi.numel() == 0:
         w = _distill_weight_ref(f_phi, x_g, sigma_t, weight, SDS)
         return _losses.sds_loss(f_phi, x_t, eps, x_g, sigma_t, w.to(f_phi.dtype)), w
     return distill_fwd_triton(f_phi, x_t, x_g, eps, sigma_t, weight, 0.0, SDS)
@@ -471,7 +473,7 @@ _sds_loss.register_fake(_distill_fake)
 def _sds_loss_backward(grad: Tensor, f_phi: Tensor, x_t: Tensor, eps: Tensor, sigma_t: Tensor,
                        w: Tensor) -> Tensor:
     """dL/dx_g = grad w ((x_t - f_phi) / sigma_t - eps)."""
-    if not use_triton("sds_loss", f_phi) or f_phi.numel() == 0:
+    if backend.pick("sds_loss", f_phi, SUPPORTED) != "triton" or f_phi.numel() == 0:
         acc = _acc(f_phi)
         eps_phi = (x_t.to(acc) - f_phi.to(acc)) / _col(sigma_t.to(acc), f_phi)
         return (_col(grad.to(acc) * w.to(acc), f_phi) * (eps_phi - eps.to(acc))).to(f_phi.dtype)

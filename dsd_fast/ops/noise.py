@@ -18,38 +18,14 @@ import torch
 from torch import Tensor
 
 from dsd_fast.ops import backend
+from dsd_fast.ops.backend import NUM_WARPS, cdiv, elementwise_block, out_buffer
 from dsd_fast.reference import edm as _edm
 from dsd_fast.reference import philox as _philox
 
 SUPPORTED = ("triton", "reference")  # the fused losses (dsd_fast.ops.losses) have Triton kernels only
 NOISE_SUPPORTED = ("cuda_ext", "triton", "reference")  # corrupt / add_noise also have CUDA kernels (csrc/)
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the CUDA kernels take the same ones
-# Elements per program of the one-block-per-program kernels (here and in ops.losses): on an H100
-# (512x3x64x64 float32, do_bench) 1024 / 4 warps gave the fastest backward kernels (1.6-2.2 TB/s);
-# corrupt / add_noise timings were host-bound (50-200 us, no stable winner among 1024-4096, 4-8 warps).
-GPU_BLOCK = 1024
-NUM_WARPS = 4
-
-
 # ----------------------------------------------------------------------------------------------------
-# Backend choice and launch helpers (shared with dsd_fast.ops.losses).
-
-def pick(op, x, supported=SUPPORTED):
-    """The backend that runs `op` on x (cuda_ext, triton or reference). Where a forced kernel backend cannot
-    take x (its dtype, or an extension that fails its self-check) this raises; auto falls back."""
-    name = backend.choose(op, x.device, supported=supported)
-    forced = backend.requested() == name
-    if name != "reference" and x.dtype not in TRITON_DTYPES:
-        if forced:
-            raise RuntimeError(f"DSD_FAST_BACKEND={name} cannot run {op}: the kernels take float32/bfloat16/"
-                               f"float16 tensors, got {x.dtype}")
-        return "reference"
-    if name == "cuda_ext" and (reason := cuda_ext_check(backend.cuda_ext(), op, x.device)) is not None:
-        if forced:
-            raise RuntimeError(f"DSD_FAST_BACKEND=cuda_ext cannot run {op}: {reason}")
-        return pick(op, x, tuple(b for b in supported if b != "cuda_ext"))
-    return name
-
+# The CUDA extension's self-check (backend.pick's self_check for corrupt / add_noise).
 
 @functools.cache
 def cuda_ext_check(ext, op, device):
@@ -77,38 +53,6 @@ def cuda_ext_check(ext, op, device):
               f"{err:.3g} on {device}); rebuild it (DSD_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .)")
     warnings.warn(f"dsd_fast: not using the CUDA extension: {reason}", RuntimeWarning, stacklevel=3)
     return reason
-
-
-def use_triton(op, x):
-    """True to run `op` on x with the Triton kernels; raises when they are forced but cannot take x."""
-    return pick(op, x) == "triton"
-
-
-def interpreting(device):
-    return device.type != "cuda"  # Triton on a CPU tensor only runs under TRITON_INTERPRET=1
-
-
-def next_pow2(n):
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def cdiv(a, b):
-    return -(-a // b)
-
-
-def out_buffer(like, shape=None):
-    """A kernel's output buffer of like's dtype, except 16-bit under the interpreter: written in float32 and
-    rounded by the launcher with torch (`.to(like.dtype)`), because the interpreter's float32 -> bfloat16 /
-    float16 casts truncate where compiled Triton rounds to nearest even."""
-    interp16 = interpreting(like.device) and like.dtype in (torch.bfloat16, torch.float16)
-    return like.new_empty(like.shape if shape is None else shape, dtype=torch.float32 if interp16 else like.dtype)
-
-
-def elementwise_block(chw, device):
-    """BLOCK of the one-block-per-program kernels."""
-    if interpreting(device):
-        return min(next_pow2(chw), 16384)  # the interpreter pays per program: few, big ones
-    return min(next_pow2(chw), GPU_BLOCK)
 
 
 @functools.cache
@@ -144,7 +88,7 @@ def _check_offset(offset, n):
 
 @torch.library.custom_op("dsd_fast::corrupt", mutates_args=())
 def _corrupt(x: Tensor, sigma: float, seed: int, index: Tensor) -> Tensor:
-    which = pick("corrupt", x, NOISE_SUPPORTED)
+    which = backend.pick("corrupt", x, NOISE_SUPPORTED, self_check=cuda_ext_check)
     if which == "cuda_ext":
         return backend.cuda_ext().corrupt(x, sigma, seed % 2**64, index.to(device=x.device, dtype=torch.int64))
     if which != "triton" or x.numel() == 0:
@@ -183,7 +127,7 @@ def corrupt(x, sigma, seed, index):
 @torch.library.custom_op("dsd_fast::add_noise", mutates_args=())
 def _add_noise(y: Tensor, sigma_t: Tensor, sigma: float, seed: int, offset: int) -> Tensor:
     _check_offset(offset, y.numel())
-    which = pick("add_noise", y, NOISE_SUPPORTED)
+    which = backend.pick("add_noise", y, NOISE_SUPPORTED, self_check=cuda_ext_check)
     if which == "cuda_ext":
         return backend.cuda_ext().add_noise(y, sigma_t, sigma, seed % 2**64, offset)
     if which != "triton" or y.numel() == 0:
@@ -205,7 +149,8 @@ def _(y, sigma_t, sigma, seed, offset):
 @torch.library.custom_op("dsd_fast::add_noise_backward", mutates_args=())
 def _add_noise_backward(grad: Tensor, sigma_t: Tensor, sigma: float, seed: int, offset: int) -> Tensor:
     """d/d sigma_t of sum(grad * x_t) = sigma_t / sqrt(sigma_t^2 - sigma^2) * sum_CHW(grad * eps)."""
-    if not use_triton("add_noise_backward", grad) or grad.numel() == 0:  # no CUDA-extension kernel for this
+    # SUPPORTED: the CUDA extension has no kernel for this.
+    if backend.pick("add_noise_backward", grad, SUPPORTED) != "triton" or grad.numel() == 0:
         dot = (grad.float() * _eps_stream(grad, seed, offset)).flatten(1).sum(1)
     else:
         g2, chw = _rows(grad)
