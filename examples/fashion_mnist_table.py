@@ -1,0 +1,127 @@
+"""The DSD paper's Table 2 at CPU scale: Fashion-MNIST at sigma = 0.2, end to end, in one command.
+
+Phase I (`dsd-fast pretrain`) on the noisy observations only, Phase II (`dsd-fast distill`, D-SiD) from its
+EMA, then `dsd-fast eval` (FID against the clean data in EDM's feature pipeline, Proximal FID against the
+corrupted data, the sample-size floor) for Observation, Ambient-Full, Ambient-Truncated and DSD. The outputs go
+to OUT (default results/fashion-mnist-s0.2): eval.md, eval.json, the rows' grids, both phases' options and
+grids, command.txt (this command), commit.txt, wall.json (seconds per phase). OUT is written whole at the end
+(a temporary folder renamed), so a stopped run leaves nothing half-written there; RUN keeps the run
+directories (resumable with `dsd-fast pretrain/distill --resume`).
+
+    python examples/fashion_mnist_table.py                          # the committed table (about 2 h, 2 cores)
+    python examples/fashion_mnist_table.py --smoke --out /tmp/t     # every stage at toy size (about 1 min)
+
+The defaults (network, kimg split, Phase II learning rates) and how they were chosen: README "Fashion-MNIST".
+"""
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# (flag, default, smoke value): the sizes of the run.
+SIZES = {
+    "pretrain_kimg": (70.0, 0.128),
+    "distill_kimg": (40.0, 0.064),
+    "num": (1000, 8),
+    "data_images": (1000, 16),
+}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "results" / "fashion-mnist-s0.2"), help="Results folder.")
+    p.add_argument("--run", default=None, help="Run directories (teacher/, student/).  [OUT.runs]")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--sigma", type=float, default=0.2)
+    p.add_argument("--preset", default="cpu-fashion")
+    p.add_argument("--batch", type=int, default=64, help="Phase I batch.")
+    p.add_argument("--g-batch", type=int, default=16, help="Phase II batch.")
+    p.add_argument("--g-lr", type=float, default=3e-4)
+    p.add_argument("--fake-lr", type=float, default=None)
+    p.add_argument("--fake-steps", type=int, default=1)
+    p.add_argument("--smoke", action="store_true", help="Toy sizes: checks every stage, measures nothing.")
+    for name, (full, _) in SIZES.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(full), default=None, help=f"[{full}]")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dsd-fast", default=None, help="The dsd-fast command.  [python -m dsd_fast]")
+    args = p.parse_args(argv)
+    for name, (full, smoke) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
+    return args
+
+
+def commands(args, run):
+    """(phase, argv) of the three stages."""
+    common = ["--dataset", args.dataset, "--sigma", str(args.sigma), "--preset", args.preset, "--device",
+              args.device]
+    fake = (["--fake-lr", str(args.fake_lr)] if args.fake_lr is not None else []) + ["--fake-steps",
+                                                                                     str(args.fake_steps)]
+    return [
+        ("pretrain", ["pretrain", *common, "--batch", str(args.batch), "--kimg", str(args.pretrain_kimg),
+                      "--lr-rampup-kimg", str(min(2.0, args.pretrain_kimg / 4)), "--snapshot-kimg",
+                      str(args.pretrain_kimg), "--outdir", str(run / "teacher")]),
+        ("distill", ["distill", *common, "--teacher", str(run / "teacher" / "last.pt"), "--batch",
+                     str(args.g_batch), "--g-lr", str(args.g_lr), *fake, "--g-sigma-min", "sigma", "--kimg",
+                     str(args.distill_kimg), "--snapshot-kimg", str(args.distill_kimg), "--outdir",
+                     str(run / "student")]),
+        ("eval", ["eval", str(run / "student"), "--num", str(args.num), "--data-images", str(args.data_images),
+                  "--device", args.device]),
+    ]
+
+
+def commit():
+    """HEAD and whether the tree differs from it (the numbers are of that code)."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
+    return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    run = Path(args.run) if args.run else out.with_name(out.name + ".runs")
+    if (run / "teacher").exists() or (run / "student").exists():
+        raise SystemExit(f"run: {run} already holds a run; pass another --run or remove it")
+    dsd = shlex.split(args.dsd_fast) if args.dsd_fast else [sys.executable, "-m", "dsd_fast"]
+    run.mkdir(parents=True, exist_ok=True)
+    wall = {}
+    for phase, argv_ in commands(args, run):
+        print(f"== {phase}: dsd-fast {shlex.join(argv_)}", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run([*dsd, *argv_], check=True)
+        wall[phase] = round(time.perf_counter() - t0, 1)
+    wall["total"] = round(sum(wall.values()), 1)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
+    student, teacher = run / "student", run / "teacher"
+    for f in ["eval.md", "eval.json", *sorted(p.name for p in student.glob("eval-*.png"))]:
+        shutil.copy(student / f, tmp / f)
+    for name, d in (("teacher", teacher), ("student", student)):
+        shutil.copy(d / "options.json", tmp / f"{name}-options.json")
+        grids = sorted(d.glob("*-teacher.png" if name == "teacher" else "*-student.png"))
+        if grids:
+            shutil.copy(grids[-1], tmp / f"{name}-grid.png")
+    shutil.copy(teacher / "data.png", tmp / "data.png")
+    (tmp / "command.txt").write_text(shlex.join(["python", "examples/fashion_mnist_table.py",
+                                                 *(sys.argv[1:] if argv is None else argv)]) + "\n")
+    (tmp / "commit.txt").write_text(commit() + "\n")
+    (tmp / "wall.json").write_text(json.dumps(dict(seconds=wall, cpus=os.cpu_count()), indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    print((out / "eval.md").read_text())
+    print(f"Wrote {out} (wall time: {wall})")
+
+
+if __name__ == "__main__":
+    main()
