@@ -17,6 +17,7 @@ CORRUPTIONS = ("noise", "blur")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
 SIGMA_SAMPLINGS = ("truncated", "clamp")
+LR_SCHEDULES = ("constant", "cosine")  # Phase II: SiD's constant lr, or a cosine decay to 0 over distill_kimg
 OBSERVATION_SIGMA = "sigma"  # g_sigma_min's name for the observation sigma
 DISTILL_LOSSES = ("sid", "dmd", "sds")
 
@@ -101,6 +102,9 @@ class Options:
     # two-time-scale rule (5 fake updates per generator update) keeps f_psi tracking a fast-moving generator.
     fake_lr: float | None = None
     fake_steps: int = 1
+    # Both Phase II nets' lr over the run: constant (SiD) or cosine, g_lr/fake_lr * (1 + cos(pi k / K)) / 2 at step
+    # k of K = the distill_kimg steps (resuming with another distill_kimg stretches what is left of it).
+    g_lr_schedule: str = "constant"
     sigma_init: float = 2.5
     t_max: float = 800.0
     # Generator-step levels: SiD's Karras schedule with this sigma_min (SiD: 0.002). OBSERVATION_SIGMA ("sigma") uses
@@ -134,6 +138,7 @@ class Options:
         choice("corruption", CORRUPTIONS)
         choice("precision", PRECISIONS)
         choice("sigma_sampling", SIGMA_SAMPLINGS)
+        choice("g_lr_schedule", LR_SCHEDULES)
         choice("loss", DISTILL_LOSSES)
         choice("parallel", PARALLELS)
         choice("fid_mode", RESIZE_MODES)

@@ -499,3 +499,24 @@ def test_cuda_steps_do_not_sync(corruption):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert bool(finite) and bool(finite2)
+
+
+def test_g_lr_schedule_cosine():
+    """cosine: both nets' lr is g_lr / fake_lr * (1 + cos(pi k / K)) / 2 at step k of K = the distill_kimg steps
+    (1 at the start, 1/2 half-way, 0 at the end); constant (SiD's default) keeps them."""
+    from dsd_fast.training.phase2 import lr_decay
+
+    o = _options(batch=2, distill_kimg=0.016, g_lr=2e-4, fake_lr=6e-4, g_lr_schedule="cosine")  # K = 8 steps
+    assert [lr_decay(o, k) for k in (0, 4, 8, 9)] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-15)
+    assert lr_decay(o, 2) == pytest.approx((1 + math.cos(math.pi / 4)) / 2, rel=1e-15)
+    assert lr_decay(_options(), 5) == 1.0
+    teacher = Pretrain(o, CONFIG, _data(o), CPU).ema.state_dict()
+    d = Distill(o, CONFIG, None, CPU, teacher)
+    for k in range(3):
+        _, metrics = d.step(k)
+        want = (1 + math.cos(math.pi * k / 8)) / 2
+        assert (metrics["lr"], metrics["fake_lr"]) == pytest.approx((2e-4 * want, 6e-4 * want), rel=1e-12)
+        assert d.G_opt.param_groups[0]["lr"] == pytest.approx(2e-4 * want, rel=1e-12)
+        assert d.f_psi_opt.param_groups[0]["lr"] == pytest.approx(6e-4 * want, rel=1e-12)
+    with pytest.raises(ValueError, match="g_lr_schedule"):
+        _options(g_lr_schedule="linear")

@@ -25,7 +25,17 @@ from ..reference.edm import karras_sigma, karras_t
 from ..rundir import network_snapshot
 from ..sampling import one_step
 from .ema import EMA, ema_beta
-from .loop import autocast, compiled, compute_dtype, derive_seed, normal, seed_dropout, set_precision, uniform
+from .loop import (
+    autocast,
+    compiled,
+    compute_dtype,
+    derive_seed,
+    normal,
+    seed_dropout,
+    set_precision,
+    steps_for,
+    uniform,
+)
 from .phase1 import (
     accumulate,
     ambient_training_loss,
@@ -35,6 +45,15 @@ from .phase1 import (
     save_data_grid,
 )
 from .update import NonFinite, adam, guarded_step, make_fused
+
+
+def lr_decay(options, k):
+    """The Phase II lr factor at step k (options.g_lr_schedule): 1, or the cosine from 1 at k = 0 towards 0 at
+    the last of the distill_kimg steps."""
+    if options.g_lr_schedule == "constant":
+        return 1.0
+    total = steps_for(options.distill_kimg, options.batch)
+    return 0.5 * (1 + math.cos(math.pi * min(k, total) / max(total, 1)))
 
 
 def check_teacher(state, config, source):
@@ -179,19 +198,21 @@ class Distill:
         shape = (n, self.config.in_channels, self.config.img_resolution, self.config.img_resolution)
         nimg = (k + 1) * o.batch
         # SiD: no learning-rate ramp-up (both nets start from the trained teacher)
+        decay = lr_decay(o, k)
+        g_lr, fake_lr = o.g_lr * decay, o.fake_lr * decay
         seed_dropout(o.seed, k, self.par.rank)
         fake_ok, fake_losses = True, []
         for j in range(o.fake_steps):
             fake_losses.append(self.f_psi_step(k * o.fake_steps + j, n, shape))
-            fake_ok = fake_ok & guarded_step(self.f_psi_opt, fake_losses[-1], o.fake_lr)
+            fake_ok = fake_ok & guarded_step(self.f_psi_opt, fake_losses[-1], fake_lr)
         fake_loss = sum(fake_losses) / len(fake_losses)
         g_loss = self.generator_step(k, n, shape)
-        g_ok = guarded_step(self.G_opt, g_loss, o.g_lr)
+        g_ok = guarded_step(self.G_opt, g_loss, g_lr)
         self.G_ema.update(self.G, ema_beta(nimg, o.batch, o.g_ema_halflife_kimg, o.ema_rampup_ratio), g_ok)
         finite = fake_ok & g_ok
         self.bad.add(finite, k)
         self.completed = k + 1
-        return finite, dict(loss=g_loss, fake_loss=fake_loss, lr=o.g_lr, fake_lr=o.fake_lr)
+        return finite, dict(loss=g_loss, fake_loss=fake_loss, lr=g_lr, fake_lr=fake_lr)
 
     def snapshot(self, run):
         save_data_grid(self, run)
