@@ -47,6 +47,7 @@ def parse(argv):
     p.add_argument("--g-lr", type=float, default=3e-4)
     p.add_argument("--fake-lr", type=float, default=None)
     p.add_argument("--fake-steps", type=int, default=1)
+    p.add_argument("--g-lr-schedule", default="constant", choices=("constant", "cosine"))
     p.add_argument("--smoke", action="store_true", help="Toy sizes: checks every stage, measures nothing.")
     for name, (full, _) in SIZES.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(full), default=None, help=f"[{full}]")
@@ -63,8 +64,8 @@ def commands(args, run):
     """(phase, argv) of the three stages."""
     common = ["--dataset", args.dataset, "--sigma", str(args.sigma), "--preset", args.preset, "--device",
               args.device]
-    fake = (["--fake-lr", str(args.fake_lr)] if args.fake_lr is not None else []) + ["--fake-steps",
-                                                                                     str(args.fake_steps)]
+    fake = (["--fake-lr", str(args.fake_lr)] if args.fake_lr is not None else []) + [
+        "--fake-steps", str(args.fake_steps), "--g-lr-schedule", args.g_lr_schedule]
     return [
         ("pretrain", ["pretrain", *common, "--batch", str(args.batch), "--kimg", str(args.pretrain_kimg),
                       "--lr-rampup-kimg", str(min(2.0, args.pretrain_kimg / 4)), "--snapshot-kimg",

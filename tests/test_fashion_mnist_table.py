@@ -15,7 +15,8 @@ table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(table)
 
 
-@pytest.mark.parametrize("flags", [[], ["--smoke"], ["--fake-steps", "4", "--fake-lr", "1e-3", "--num", "2000"]])
+@pytest.mark.parametrize("flags", [[], ["--smoke"], ["--fake-steps", "4", "--fake-lr", "1e-3", "--num", "2000",
+                                                             "--g-lr-schedule", "cosine"]])
 def test_stages_are_valid_commands(tmp_path, flags):
     args = table.parse(["--out", str(tmp_path / "out"), *flags])
     stages = table.commands(args, tmp_path / "run")
