@@ -56,7 +56,7 @@ for _mode in ("forward", "backward", "full"):
 MODES = {op: [m for (o, m) in BYTES if o == op] for op in OPS}
 PROVIDERS = ["reference", "compiled", "triton"]
 if CUDA:
-    SHAPES = [(512, 3, 32, 32), (512, 3, 64, 64)]
+    SHAPES = [(512, 3, 32, 32), (512, 3, 64, 64), (512, 1, 32, 32), (512, 1, 64, 64)]
     DTYPES = [torch.float32, torch.bfloat16]
 else:
     SHAPES = [(2, 3, 28, 32)]  # a check that every case runs (Triton interpreted), not a measurement
