@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# (flag, default, smoke value): the sizes of the run.
+# name: (full size, smoke size): the sizes of the run.
 SIZES = {
     "pretrain_kimg": (70.0, 0.128),
     "distill_kimg": (40.0, 0.064),

@@ -274,6 +274,14 @@ def _same_shapes(expected, shape):
     return bool(((shape[:, 0] == H) & (shape[:, 1] == W) & ((shape[:, 2] <= 2) == (C == 1))).all())
 
 
+def _failure(images, fed, what, source, error):
+    """A failed pipeline run: raises the scan's / PIL's ValueError naming the bad image among the fed index
+    tensors, else returns DALI's error as a RuntimeError naming `what` (the batches in flight)."""
+    for index in fed:
+        images.check(index.tolist())
+    return RuntimeError(f"DALI pipeline failed at {what} of {source}: {error}")
+
+
 def _output(images, out, shape, index, device, what, source):
     """A pipeline run's uint8 [B, C, H, W] torch tensor on device, after checking the files' own shapes (what:
     the batch, for the error)."""
@@ -414,10 +422,9 @@ class DALIData:
         """A failed run: name the image of the fed steps that the scan or PIL refuses, else re-raise DALI's
         error with the steps in flight."""
         self._pipe = None  # DALI: "Current pipeline object is no longer valid"
-        for _, _, index in self._pending:
-            self._images.check(index.tolist())
         steps = ", ".join(str(s) for s, _, _ in self._pending)
-        raise RuntimeError(f"DALI pipeline failed at step(s) {steps} of {self.source}: {error}") from error
+        raise _failure(self._images, [i for _, _, i in self._pending], f"step(s) {steps}", self.source,
+                       error) from error
 
     # ------------------------------------------------------------------------------------------ batches
 
@@ -558,9 +565,7 @@ class DALIImages:
             try:
                 out, *shape = pipe.run()
             except RuntimeError as e:
-                for index in pending:
-                    self._images.check(index.tolist())
-                raise RuntimeError(f"DALI pipeline failed at chunk {j} of {self.source}: {e}") from e
+                raise _failure(self._images, pending, f"chunk {j}", self.source, e) from e
             index = pending.popleft()
             yield _output(self._images, out, shape, index, self.device, f"chunk {j}", self.source)
 
