@@ -4,7 +4,8 @@ Bandwidth (records with bytes): device, op, shape, dtype, mode, provider, median
 median), % of the peak bandwidth (default 3.0 TB/s, the H100's measured device-to-device copy rate,
 bench/ceilings.py).
 Training steps (records with phase and img_per_s, bench/test_bench_train.py), printed after it when there are
-any: device, phase, preset, ladder rung, sigma sampling, median ms, img/s, useful img/s, TFLOP/s, MFU %.
+any: device, phase, preset, ladder rung, sigma sampling, median ms, img/s, useful img/s, x EDM (useful img/s over
+the fastest EDM anchor rung of the same device and preset, Phase I; "-" without one), TFLOP/s, MFU %, peak GiB.
 
     python bench/render_table.py bench/results/*.json [--peak-tbps 3.0] [--out table.md]
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 PROVIDER_ORDER = {"reference": 0, "compiled": 1, "triton": 2, "cuda_ext": 3}
 MODE_ORDER = {"forward": 0, "backward": 1, "full": 2}
 PHASE_ORDER = {"pretrain": 0, "distill": 1}
-RUNG_ORDER = {"eager-fp32": 0, "bf16": 1, "bf16+compile": 2, "bf16+compile+fused": 3}  # the ladder
+# The ladder, after the anchor (EDM's own step, bench/edm_anchor.py).
+RUNG_ORDER = {"edm-fp32": -2, "edm-fp16": -1, "eager-fp32": 0, "bf16": 1, "bf16+compile": 2, "bf16+compile+fused": 3}
 
 
 def rows(paths):
@@ -67,13 +69,22 @@ def render_steps(paths):
     table = sorted(step_rows(paths), key=key)
     if not table:
         return ""
+    anchor = {}  # (device, preset) -> the fastest EDM rung's useful img/s
+    for r in table:
+        if r["rung"].startswith("edm-"):
+            where = (r["device"], r["preset"])
+            anchor[where] = max(anchor.get(where, 0.0), r["useful_img_per_s"])
     lines = ["| device | phase | preset (res, batch) | rung | sigma sampling | median ms | img/s | useful img/s "
-             "| TFLOP/s | MFU % |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+             "| x EDM | TFLOP/s | MFU % | peak GiB |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}"
+        edm = anchor.get((r["device"], r["preset"])) if r["phase"] == "pretrain" else None
+        ratio = "-" if not edm else f"{r['useful_img_per_s'] / edm:.2f}"
+        mem = "n/a" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb'] / 1024:.1f}"
         lines.append(f"| {r['device']} | {r['phase']} | {r['preset']} ({r['resolution']}x{r['resolution']}, "
                      f"{r['batch']}) | {r['rung']} | {r['sigma_sampling']} | {r['median_ms']:.1f} "
-                     f"| {r['img_per_s']:.1f} | {r['useful_img_per_s']:.1f} | {r['tflops']:.3g} | {mfu} |")
+                     f"| {r['img_per_s']:.1f} | {r['useful_img_per_s']:.1f} | {ratio} | {r['tflops']:.3g} | {mfu} "
+                     f"| {mem} |")
     return "\n".join(lines) + "\n"
 
 
@@ -83,10 +94,8 @@ def main():
     parser.add_argument("--peak-tbps", type=float, default=3.0, help="peak bandwidth for the %% column")
     parser.add_argument("--out", help="write the table here instead of stdout")
     args = parser.parse_args()
-    table = render(args.paths, args.peak_tbps)
-    steps = render_steps(args.paths)
-    if steps:
-        table += "\n" + steps
+    bandwidth = render(args.paths, args.peak_tbps) if any(rows(args.paths)) else ""
+    table = "\n".join(t for t in (bandwidth, render_steps(args.paths)) if t)
     if args.out:
         from dsd_fast.rundir import atomic_write_bytes  # here: the table itself needs no torch
 

@@ -8,7 +8,10 @@ resize in fp32; clean resizes on the CPU, one round), end to end in the default 
 per case would take minutes; the rate is steady after the first batches, so each record holds img_per_s and the
 extrapolated s_per_50k, to compare with the issue's anchor (50k images generated in 20 s on 4 RTX A6000; ~38 s
 on 8 A800 plus ~2 min of FID).
-$DSD_FAST_BENCH_IMAGES overrides N (e.g. 50000 for the full count).
+test_fid_end_to_end adds the Frechet distance: latents -> images -> features -> float64 stats (CPU) -> FID against
+reference stats (here those of N other seeds, computed once outside the timing), the whole `dsd-fast fid` path.
+$DSD_FAST_BENCH_IMAGES overrides N (e.g. 50000 for the full count); $DSD_FAST_BENCH_ROUNDS="timed,warmup" the
+rounds (a 50k run: 1,1).
 CPU: cpu-tiny (32x32), N = 8: a check that the suite runs, not a measurement.
 The records carry img/s, not bytes: render_table.py's bandwidth table skips them.
 """
@@ -21,7 +24,7 @@ from common import CUDA, DEVICE, WARMUP_ROUNDS, environment, sync
 
 from dsd_fast.evaluation import sampler_features
 from dsd_fast.generation import Sampler, batches
-from dsd_fast.metrics import InceptionFeatures, inception_weights_path, load_inception
+from dsd_fast.metrics import InceptionFeatures, feature_stats, frechet_distance, inception_weights_path, load_inception
 from dsd_fast.metrics.fid import RESIZE_MODES
 from dsd_fast.networks import build_network, resolve_config
 from dsd_fast.training import Options
@@ -32,6 +35,8 @@ if CUDA:
 else:
     PRESET, BATCH, PRECISION, FEATURE_MODE, ROUNDS = "cpu-tiny", 8, "fp32", "edm", 1
     N = int(os.environ.get("DSD_FAST_BENCH_IMAGES", "8"))  # the real Inception: ~0.25 s per image on 2 cores
+if os.environ.get("DSD_FAST_BENCH_ROUNDS"):
+    ROUNDS, WARMUP_ROUNDS = (int(v) for v in os.environ["DSD_FAST_BENCH_ROUNDS"].split(","))
 SEEDS = list(range(N))
 
 
@@ -101,3 +106,18 @@ def test_end_to_end(benchmark, sampler, features):
     feats = _run(benchmark, lambda: sampler_features(sampler, SEEDS, features, batch=BATCH, progress=False))
     assert feats.shape == (N, 2048) and feats.isfinite().all()
     _record(benchmark, "end to end")
+
+
+def test_fid_end_to_end(benchmark, sampler, features):
+    benchmark.group = f"generate + features + FID {PRESET} N={N}"
+    ref = feature_stats(sampler_features(sampler, [N + s for s in SEEDS], features, batch=BATCH, progress=False))
+
+    def fid():
+        feats = sampler_features(sampler, SEEDS, features, batch=BATCH, progress=False)
+        return frechet_distance(*feature_stats(feats), *ref)
+
+    value = _run(benchmark, fid)
+    # Two sets of N images from one generator: a small positive distance (its sample-size bias), never NaN.
+    assert value >= 0 and value == value
+    _record(benchmark, "end to end + FID")
+    benchmark.extra_info["fid"] = value

@@ -31,6 +31,13 @@ every forward and backward one eager fp32 step really runs, divided by its batch
 img/s, mfu = tflops / peak_tflops (bench/results/ceilings.json's measured bf16 matmul rate for this device if
 present, else the H100's measured 790 TFLOP/s of bench/NOTES.md; None on CPU). The records carry img/s, not
 bytes: render_table.py prints them in its training-step table, not in the bandwidth one.
+
+The anchor (Phase I only): edm-fp32 and edm-fp16 run EDM's own training step (bench/edm_anchor.py: NVlabs/edm's
+code from a git-ignored checkout, never committed; skipped without one) on the same network, batch and resident
+data. It has no observation sigma: its useful_fraction is the clamp sampling's, since the DSD authors' EDM-based
+code clamps sigma_t. peak_mem_mb: the case's peak allocated device memory (CUDA).
+Selection for a time-boxed run (bench/gpu_check_train.sh): $DSD_FAST_BENCH_PRESETS and $DSD_FAST_BENCH_RUNGS
+(comma lists) keep those cases only; $DSD_FAST_BENCH_STEPS="timed,warmup" replaces the step counts.
 """
 
 import functools
@@ -41,6 +48,7 @@ import math
 import os
 from pathlib import Path
 
+import edm_anchor
 import pytest
 import torch
 from common import CUDA, DEVICE, ROUNDS, WARMUP_ROUNDS, environment, sync
@@ -79,10 +87,32 @@ else:
     STEP_ROUNDS, STEP_WARMUP = ROUNDS, WARMUP_ROUNDS
     FLOP_BATCH, SIGMA_DRAWS = 2, 2**16
 
-CASES = [pytest.param("pretrain", preset, rung, sampling, id=f"pretrain-{preset}-{rung}-{sampling}")
-         for preset in PRESETS for rung in LADDER for sampling in SAMPLINGS]
+EDM_RUNGS = {"edm-fp32": False, "edm-fp16": True}  # the anchor: EDM's own step, rung -> its --fp16
+
+
+def _selected(name, values, known):
+    """values, restricted to the comma list in $name if set. A name outside `known` is an error (a typo must not
+    give an empty run); a known one this device does not run (a compiled rung on a CPU) is left out."""
+    wanted = os.environ.get(name)
+    if not wanted:
+        return list(values)
+    wanted = wanted.split(",")
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise ValueError(f"{name}: unknown {unknown}; expected some of {list(known)}")
+    return [v for v in values if v in wanted]
+
+
+if os.environ.get("DSD_FAST_BENCH_STEPS"):
+    STEP_ROUNDS, STEP_WARMUP = (int(v) for v in os.environ["DSD_FAST_BENCH_STEPS"].split(","))
+_PRESETS = _selected("DSD_FAST_BENCH_PRESETS", PRESETS, [*PRESETS, "cifar10", "afhq", "cpu-tiny"])
+_RUNGS = _selected("DSD_FAST_BENCH_RUNGS", [*EDM_RUNGS, *LADDER], [*EDM_RUNGS, *RUNGS])
+CASES = [pytest.param("pretrain", preset, rung, "clamp", id=f"pretrain-{preset}-{rung}")
+         for preset in _PRESETS for rung in EDM_RUNGS if rung in _RUNGS]
+CASES += [pytest.param("pretrain", preset, rung, sampling, id=f"pretrain-{preset}-{rung}-{sampling}")
+          for preset in _PRESETS for rung in LADDER if rung in _RUNGS for sampling in SAMPLINGS]
 CASES += [pytest.param("distill", preset, rung, "truncated", id=f"distill-{preset}-{rung}")
-          for preset in PRESETS for rung in LADDER]
+          for preset in _PRESETS for rung in LADDER if rung in _RUNGS]
 
 
 @pytest.fixture(autouse=True)
@@ -160,11 +190,15 @@ def peak():
 
 @pytest.mark.parametrize("phase_name,preset,rung,sampling", CASES)
 def test_train_step(benchmark, monkeypatch, phase_name, preset, rung, sampling):
+    if rung in EDM_RUNGS:
+        _edm_step(benchmark, preset, rung)
+        return
     precision, compile, backend_name = RUNGS[rung]
     batch, round_size = PRESETS[preset][0], batch_gpu(phase_name, preset)
     flops, useful = flops_per_image(phase_name, preset), useful_fraction(sampling)
     monkeypatch.setenv("DSD_FAST_BACKEND", backend_name)
     torch.compiler.reset()  # a compiled rung compiles afresh: no graphs or dynamic-shape guesses from earlier cases
+    _reset_peak()
     phase = make_phase(phase_name, preset, batch, round_size, precision, compile, sampling)
     steps, finite = itertools.count(), []
 
@@ -175,7 +209,18 @@ def test_train_step(benchmark, monkeypatch, phase_name, preset, rung, sampling):
     benchmark.group = f"train step {phase_name} {preset}"
     benchmark.pedantic(step, setup=lambda: ((next(steps),), {}), rounds=STEP_ROUNDS, warmup_rounds=STEP_WARMUP)
     assert finite and all(finite), f"non-finite losses (skipped updates) in {finite.count(False)} steps"
+    _record(benchmark, phase_name, preset, rung, precision, compile, backend_name, sampling, batch, round_size,
+            flops, useful)
 
+
+def _reset_peak():
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+
+
+def _record(benchmark, phase_name, preset, rung, precision, compile, backend_name, sampling, batch, round_size,
+            flops, useful):
+    """The case's extra_info: what ran, the rates, the MFU and the peak memory."""
     config = resolve_config(preset)
     peak_tflops, peak_source = peak()
     benchmark.extra_info.update(
@@ -183,10 +228,40 @@ def test_train_step(benchmark, monkeypatch, phase_name, preset, rung, sampling):
         resolution=config.img_resolution, channels=config.in_channels, batch=batch, batch_gpu=round_size, rung=rung,
         precision=precision, compile=compile, backend=backend_name, sigma_sampling=sampling,
         useful_fraction=useful, flops_per_image=flops, peak_tflops=peak_tflops, peak_source=peak_source,
-        measurement="cuda" if CUDA else "cpu smoke (not a measurement)")
+        measurement="cuda" if CUDA else "cpu smoke (not a measurement)",
+        peak_mem_mb=torch.cuda.max_memory_allocated(DEVICE) / 2**20 if CUDA else None)
     if benchmark.stats is not None:
         median = benchmark.stats.stats.median
         rate = batch / median
         tflops = flops * rate / 1e12
         benchmark.extra_info.update(median_ms=median * 1e3, img_per_s=rate, useful_img_per_s=rate * useful,
                                     tflops=tflops, mfu=None if peak_tflops is None else tflops / peak_tflops)
+
+
+def _edm_step(benchmark, preset, rung):
+    """The anchor: EDM's own Phase I step (bench/edm_anchor.py) on our preset's network, batch and batch_gpu."""
+    reason = edm_anchor.why_not()
+    if reason is not None:
+        pytest.skip(reason)
+    fp16 = EDM_RUNGS[rung]
+    config, batch, round_size = resolve_config(preset), PRESETS[preset][0], batch_gpu("pretrain", preset)
+    _reset_peak()
+    with edm_anchor.edm_backend_flags():
+        images = torch.randint(0, 256, (4 * batch, config.in_channels, config.img_resolution, config.img_resolution),
+                               dtype=torch.uint8, device=DEVICE)
+        edm = edm_anchor.EDMStep(config, batch, round_size, fp16, images, DEVICE)
+        ours = build_network(config)
+        assert edm_anchor.parameter_count(edm.net) == sum(p.numel() for p in ours.parameters()), \
+            "EDM's network and ours differ in size: the anchor would not time the same network"
+        del ours
+        steps, losses = itertools.count(), []
+
+        def step(k):
+            losses.append(edm.step(k))
+            sync()
+
+        benchmark.group = f"train step pretrain {preset}"
+        benchmark.pedantic(step, setup=lambda: ((next(steps),), {}), rounds=STEP_ROUNDS, warmup_rounds=STEP_WARMUP)
+    assert losses and torch.stack(losses).isfinite().all(), "EDM's step gave a non-finite loss"
+    _record(benchmark, "pretrain", preset, rung, "fp16" if fp16 else "fp32", False, "edm (NVlabs/edm)", "clamp",
+            batch, round_size, flops_per_image("pretrain", preset), useful_fraction("clamp"))
