@@ -44,7 +44,7 @@ def parse(argv):
     p.add_argument("--preset", default="cpu-fashion")
     p.add_argument("--batch", type=int, default=64, help="Phase I batch.")
     p.add_argument("--g-batch", type=int, default=16, help="Phase II batch.")
-    p.add_argument("--g-lr", type=float, default=3e-4)
+    p.add_argument("--g-lr", type=float, default=1e-4)
     p.add_argument("--fake-lr", type=float, default=None)
     p.add_argument("--fake-steps", type=int, default=1)
     p.add_argument("--g-lr-schedule", default="constant", choices=("constant", "cosine"))
