@@ -16,14 +16,7 @@ DRY=${DRY:-0}
 mkdir -p "$OUT"
 : > "$OUT/stages.txt"
 
-stage() {  # stage NAME SECONDS COMMAND...: run it under a limit, log to OUT/NAME.log, record rc and time
-    local name=$1 limit=$2 start rc
-    shift 2
-    start=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    rc=$?
-    printf '%-10s rc=%-3s %4ss (limit %ss)\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$limit" | tee -a "$OUT/stages.txt"
-}
+source bench/stage.sh
 
 # 1. What ran where.
 {
@@ -39,7 +32,7 @@ if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT=(--timeout 90); fi
 
 # 2. The CUDA extension (sm_90), then the GPU tests and the op test files on CUDA.
 if [ "$DRY" = 1 ]; then
-    echo "build      skipped (DRY=1: CPU machine)" | tee -a "$OUT/stages.txt"
+    echo "build          skipped (DRY=1: CPU machine)" | tee -a "$OUT/stages.txt"
 else
     stage build 240 env DSD_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
         "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
@@ -56,7 +49,7 @@ stage op-tests 120 "$PY" -m pytest -q -p no:cacheprovider "${TIMEOUT[@]}" -m "no
 
 # 3. The ceilings: copy bandwidth and bf16 matrix rate, measured in this run.
 if [ "$DRY" = 1 ]; then
-    echo "ceilings   skipped (DRY=1: needs CUDA)" | tee -a "$OUT/stages.txt"
+    echo "ceilings       skipped (DRY=1: needs CUDA)" | tee -a "$OUT/stages.txt"
 else
     stage ceilings 45 "$PY" bench/ceilings.py "$OUT/ceilings.json"
 fi

@@ -20,14 +20,7 @@ OUT=$(cd "$OUT" && pwd)
 : > "$OUT/stages.txt"
 export PYTHONPATH="$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}" DSD_FAST_COMMIT=${COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 
-stage() {  # stage NAME SECONDS COMMAND...: run it under a limit, log to OUT/NAME.log, record rc and time
-    local name=$1 limit=$2 start rc
-    shift 2
-    start=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    rc=$?
-    printf '%-14s rc=%-3s %4ss (limit %ss)\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$limit" | tee -a "$OUT/stages.txt"
-}
+source bench/stage.sh
 bench() {  # bench NAME SECONDS FILE [pytest args...]: one benchmark stage, its records in OUT/NAME.json
     local name=$1 limit=$2 file=$3
     shift 3
