@@ -84,7 +84,10 @@ def test_synthetic_smooth_images():
         y = clean + sigma * torch.randn(clean.shape, generator=g)
         est = estimate_noise(y, seed=random.getrandbits(16))
         assert est.sigma == pytest.approx(sigma, rel=0.05), est
-        assert est.saturated == 0 and est.components >= 1
+        # A float pixel can land exactly on +-1 (7 runs in 2,000): only the patches covering it go.
+        clip = ((y == -1) | (y == 1)).any(dim=1, keepdim=True).to(torch.float32)
+        covered = int((torch.nn.functional.max_pool2d(clip, est.patch, stride=1) > 0).sum())
+        assert est.saturated == covered and est.components >= 1
 
 
 # ---------------------------------------------------------------------------------------------------------
