@@ -104,3 +104,16 @@ def test_slope_refuses_a_phase_one_checkpoint(tmp_path):
     phase1 = sorted(Path(run).glob("pretrain-*.pt"))
     with pytest.raises(ValueError, match="slope: .*not a Phase II full training state"):
         na.phase2_nets(phase1[0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "student"], "--set: expected NAME=CKPT"),
+    (["--set", "=a.pt"], "--set: expected NAME=CKPT"),
+    (["--set", "a=x.pt", "--set", "a=y.pt"], "--set: expected a name of its own"),
+    (["--num", "1"], "--num and --slope-batches: expected >= 2"),
+    (["--sigma", "0"], "--sigma: expected a noise std > 0"),
+])
+def test_bad_arguments_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        na.parse(argv)
+    assert message in capsys.readouterr().err

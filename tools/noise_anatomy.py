@@ -24,6 +24,7 @@ import torch
 
 from dsd_fast import functional
 from dsd_fast.data import load_images, resolve_source
+from dsd_fast.generation import load_sampler
 from dsd_fast.networks import NetworkConfig, build_network
 from dsd_fast.options import Options
 from dsd_fast.reference.edm import karras_sigma, karras_t
@@ -135,15 +136,16 @@ def parse(argv):
         p.error(f"--num and --slope-batches: expected >= 2, got {args.num} and {args.slope_batches}")
     if args.sigma is not None and not args.sigma > 0:
         p.error(f"--sigma: expected a noise std > 0, got {args.sigma}")
-    for s in args.set:
-        if "=" not in s:
+    names = [s.partition("=")[0] for s in args.set]
+    for s, name in zip(args.set, names, strict=True):
+        if "=" not in s or not name:
             p.error(f"--set: expected NAME=CKPT[:SAMPLER], got {s!r}")
+        if names.count(name) > 1 or name.startswith(("clean data", "data + ")):
+            p.error(f"--set: expected a name of its own, got {name!r} twice or a data row's name")
     return args
 
 
 def main(argv=None):
-    from dsd_fast.generation import load_sampler  # the samplers: only when a set asks for them
-
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     g = torch.Generator().manual_seed(args.seed)
