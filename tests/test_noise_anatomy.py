@@ -87,23 +87,38 @@ def test_end_to_end_on_a_tiny_run(tmp_path):
     out = tmp_path / "anatomy.md"
     na.main(["--data", str(tmp_path / "data.npz"), "--sigma", "0.2", "--num", "8", "--steps", "2", "--set",
              f"teacher={run}/last.pt:ambient-truncated", "--set", f"student={run}/last.pt", "--slope",
-             f"{run}/last.pt", "--slope-batches", "2", "--out", str(out)])
+             f"{run}/last.pt", "--slope-batches", "2", "--slope-sigma-t", "0.3,1", "--refresh-fake", "2:1e-3", "--out",
+             str(out)])
     text = out.read_text()
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert {"clean data", "data + σ=0.2 noise", "teacher", "student"} <= set(rows)
     beta = float(rows["student"].split("|")[-2])
     assert math.isfinite(beta) and rows["teacher"].split("|")[-2].strip() == ""
-    slopes = [line for line in text.splitlines() if line.startswith("| [")]
-    assert len(slopes) == len(na.LEVEL_BANDS) and all("±" in line for line in slopes)
+    slopes = [line for line in text.splitlines() if line.startswith("| [") or "(fixed)" in line]
+    assert len(slopes) == 2 * (len(na.LEVEL_BANDS) + 2) and all("±" in line for line in slopes)  # before, after
+    assert "after 2 more fake-score updates at lr 0.001 with G frozen" in text
     assert text.startswith("Made by `python tools/noise_anatomy.py --data ")
     assert not list(tmp_path.glob("anatomy.md.*"))  # written whole (a temp file renamed)
+
+
+def test_refresh_trains_the_fake_score_only_and_slopes_pair(tmp_path):
+    run = make_run(tmp_path / "run")
+    distill = na.phase2(f"{run}/last.pt")
+    before = {name: [p.detach().clone() for p in net.parameters()] for name, net in
+              (("G", distill.G), ("f_phi", distill.f_phi), ("f_psi", distill.f_psi))}
+    table = na.slope_table(distill, 2, 4, seed=7)
+    assert na.slope_table(distill, 2, 4, seed=7) == table  # one seed, the same draws: paired tables
+    assert math.isfinite(na.refresh_fake(distill, 2, 1e-3))
+    moved = {name: any(not torch.equal(p, q) for p, q in zip(ps, net.parameters(), strict=True)) for (name, ps), net
+             in zip(before.items(), (distill.G, distill.f_phi, distill.f_psi), strict=True)}
+    assert moved == {"G": False, "f_phi": False, "f_psi": True}
 
 
 def test_slope_refuses_a_phase_one_checkpoint(tmp_path):
     run = make_run(tmp_path / "run")
     phase1 = sorted(Path(run).glob("pretrain-*.pt"))
     with pytest.raises(ValueError, match="slope: .*not a Phase II full training state"):
-        na.phase2_nets(phase1[0])
+        na.phase2(phase1[0])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -112,6 +127,9 @@ def test_slope_refuses_a_phase_one_checkpoint(tmp_path):
     (["--set", "a=x.pt", "--set", "a=y.pt"], "--set: expected a name of its own"),
     (["--num", "1"], "--num and --slope-batches: expected >= 2"),
     (["--sigma", "0"], "--sigma: expected a noise std > 0"),
+    (["--refresh-fake", "10"], "expected --slope LAST_PT as well"),
+    (["--slope", "x.pt", "--refresh-fake", "0"], "expected N >= 1"),
+    (["--slope", "x.pt", "--slope-sigma-t", "0.2,-1"], "expected levels > 0"),
 ])
 def test_bad_arguments_name_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):

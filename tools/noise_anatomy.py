@@ -25,11 +25,13 @@ import torch
 from dsd_fast import functional
 from dsd_fast.data import load_images, resolve_source
 from dsd_fast.generation import load_sampler
-from dsd_fast.networks import NetworkConfig, build_network
+from dsd_fast.networks import NetworkConfig
 from dsd_fast.options import Options
 from dsd_fast.reference.edm import karras_sigma, karras_t
 from dsd_fast.rundir import atomic_write_bytes, load_checkpoint
 from dsd_fast.sampling import one_step
+from dsd_fast.training.phase2 import Distill
+from dsd_fast.training.update import guarded_step
 
 BANDS = ((0.0, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.75))  # cycles / pixel; 0.75 > the corner's 0.707
 LEVEL_BANDS = ((0.0, 1.0), (0.0, 0.25), (0.25, 0.5), (0.5, 1.0))  # u of sigma_t = karras(karras_t(u, t_max))
@@ -80,43 +82,79 @@ def loss_slope(G, f_phi, f_psi, corruption, z, sigma_t, eps, sigma_init, alpha):
     return float(slope)
 
 
-def phase2_nets(path):
-    """(options, {teacher, fake, G}) of a Phase II full training state (a run's last.pt), in eval mode, frozen."""
+def phase2(path):
+    """The Phase II trainer (training/phase2.py) restored from a full training state (a run's last.pt) on the CPU:
+    its teacher f_phi, fake score f_psi and generator G as they were, f_psi's optimiser included."""
     state = load_checkpoint(path)
-    if state.get("phase") != "distill" or not all(k in state for k in ("teacher", "fake", "G")):
+    if state.get("phase") != "distill" or not all(k in state for k in ("teacher", "fake", "G", "fake_opt")):
         raise ValueError(f"slope: {path} is not a Phase II full training state (a distill run's last.pt)")
     options, config = Options.from_dict(state["options"]), NetworkConfig(**state["net_config"])
     if options.loss != "sid":
         raise ValueError(f"slope: {path} was trained with loss {options.loss!r}; the slope is defined for 'sid'")
-    nets = {}
-    for key in ("teacher", "fake", "G"):
-        nets[key] = build_network(config)
-        nets[key].load_state_dict(state[key])
-        nets[key].eval().requires_grad_(False)
-    return options, nets
+    distill = Distill(options, config, None, torch.device("cpu"), state["teacher"])
+    distill.load_state_dict(state)
+    return distill
 
 
-def slope_table(path, batches, batch, seed):
-    """Markdown rows: the loss slope's mean and standard error over `batches` batches per band of levels."""
-    options, nets = phase2_nets(path)
-    corruption, s_min, ch = options.make_corruption(), options.generator_sigma_min(), nets["G"].img_channels
-    res = nets["G"].img_resolution
+def refresh_fake(distill, steps, lr):
+    """`steps` more f_psi updates (the run's own fake-score step) at lr with G frozen; returns their mean loss."""
+    o, c = distill.options, distill.config
+    shape = (o.batch, c.in_channels, c.img_resolution, c.img_resolution)
+    first = distill.completed * o.fake_steps  # the keys after the run's own fake updates: fresh draws
+    distill.f_psi.train().requires_grad_(True)
+    total = 0.0
+    for k in range(first, first + steps):
+        loss = distill.f_psi_step(k, o.batch, shape)
+        guarded_step(distill.f_psi_opt, loss, lr)
+        total += float(loss)
+    return total / steps
+
+
+def slope_table(distill, batches, batch, seed, fixed=()):
+    """Markdown rows: the loss slope's mean and standard error over `batches` batches, per band of levels drawn as
+    the generator step draws them, then at each fixed level in `fixed`. The seed fixes every draw, so two tables
+    of one seed are paired."""
+    o, c = distill.options, distill.config
+    nets = [distill.G, distill.f_phi, distill.f_psi]
+    for net in nets:
+        net.eval().requires_grad_(False)
+    karras = lambda u: karras_sigma(karras_t(u, o.t_max), sigma_min=o.generator_sigma_min())
     g = torch.Generator().manual_seed(seed)
+    levels = [(f"[{float(karras(torch.tensor(lo))):.3g}, {float(karras(torch.tensor(hi))):.3g}]",  # rises with u
+               lambda n, lo=lo, hi=hi: karras(lo + (hi - lo) * torch.rand(n, generator=g))) for lo, hi in LEVEL_BANDS]
+    levels += [(f"{s:g} (fixed)", lambda n, s=s: torch.full((n,), float(s))) for s in fixed]
     rows = ["| generator levels σ_t | dL/dγ (mean ± s.e.) |", "|---|---:|"]
-    for lo, hi in LEVEL_BANDS:
+    for label, draw in levels:
         slopes = []
         for _ in range(batches):
-            z = torch.randn(batch, ch, res, res, generator=g)
-            u = lo + (hi - lo) * torch.rand(batch, generator=g)
-            s = karras_sigma(karras_t(u, options.t_max), sigma_min=s_min)
+            z = torch.randn(batch, c.in_channels, c.img_resolution, c.img_resolution, generator=g)
+            sigma_t = draw(batch)
             eps = torch.randn(z.shape, generator=g)
-            slopes.append(loss_slope(nets["G"], nets["teacher"], nets["fake"], corruption, z, s, eps,
-                                     options.sigma_init, options.alpha))
-        s_lo, s_hi = (float(karras_sigma(karras_t(torch.tensor([v], dtype=torch.float64), options.t_max),
-                                         sigma_min=s_min)) for v in (lo, hi))  # sigma_t rises with u
+            slopes.append(loss_slope(*nets, distill.corruption, z, sigma_t, eps, o.sigma_init, o.alpha))
         a = np.array(slopes)
-        rows.append(f"| [{s_lo:.3g}, {s_hi:.3g}] | {a.mean():+.3g} ± {a.std(ddof=1) / math.sqrt(len(a)):.2g} |")
+        rows.append(f"| {label} | {a.mean():+.3g} ± {a.std(ddof=1) / math.sqrt(len(a)):.2g} |")
     return rows
+
+
+def _floats(text):
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated levels, got {text!r}") from None
+    if not all(v > 0 and math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected levels > 0, got {text!r}")
+    return values
+
+
+def _refresh(text):
+    n, _, lr = text.partition(":")
+    try:
+        n, lr = int(n), (float(lr) if lr else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N[:LR], got {text!r}") from None
+    if n < 1 or (lr is not None and not lr > 0):
+        raise argparse.ArgumentTypeError(f"expected N >= 1 and LR > 0, got {text!r}")
+    return n, lr
 
 
 def parse(argv):
@@ -129,6 +167,11 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=18, help="Teacher sampler steps.")
     p.add_argument("--slope", default=None, metavar="LAST_PT", help="A Phase II full state: the loss slope.")
     p.add_argument("--slope-batches", type=int, default=20)
+    p.add_argument("--slope-sigma-t", type=_floats, default=(), metavar="S,S,...",
+                   help="Also the slope at these fixed generator levels.")
+    p.add_argument("--refresh-fake", type=_refresh, default=None, metavar="N[:LR]",
+                   help="Then N more fake-score updates with G frozen (at LR; the run's fake lr if none) and the "
+                        "slope again.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="Also write the tables to this markdown file.")
     args = p.parse_args(argv)
@@ -136,6 +179,8 @@ def parse(argv):
         p.error(f"--num and --slope-batches: expected >= 2, got {args.num} and {args.slope_batches}")
     if args.sigma is not None and not args.sigma > 0:
         p.error(f"--sigma: expected a noise std > 0, got {args.sigma}")
+    if (args.slope_sigma_t or args.refresh_fake) and not args.slope:
+        p.error("--slope-sigma-t / --refresh-fake: expected --slope LAST_PT as well")
     names = [s.partition("=")[0] for s in args.set]
     for s, name in zip(args.set, names, strict=True):
         if "=" not in s or not name:
@@ -170,8 +215,16 @@ def main(argv=None):
         cells = " | ".join(f"{p:.4f}" for p in band_power(images))
         lines.append(f"| {name} | {cells} | {gains[name]:+.4f} |" if name in gains else f"| {name} | {cells} | |")
     if args.slope:
+        distill = phase2(args.slope)
+        table = lambda: slope_table(distill, args.slope_batches, 32, args.seed, args.slope_sigma_t)
         lines += ["", f"Loss slope of {args.slope} (G, its teacher and fake score; {args.slope_batches} batches of 32 "
-                      "per row):", ""] + slope_table(args.slope, args.slope_batches, 32, args.seed)
+                      "per row):", ""] + table()
+        if args.refresh_fake:
+            n, lr = args.refresh_fake
+            lr = distill.options.fake_lr if lr is None else lr
+            loss = refresh_fake(distill, n, lr)
+            lines += ["", f"The same after {n} more fake-score updates at lr {lr:g} with G frozen (their mean loss "
+                          f"{loss:.4g}; the same draws as above):", ""] + table()
     command = shlex.join(["python", "tools/noise_anatomy.py", *argv])
     text = "\n".join([f"Made by `{command}` (seed {args.seed}).", ""] + lines) + "\n"
     print(text, end="")
