@@ -8,14 +8,12 @@ python bench/render_table.py bench/results/*.json. Without CUDA every case runs 
 
 import functools
 import itertools
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from dsd_fast.ops import backend
+from dsd_fast.rundir import code_commit
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -25,22 +23,6 @@ COMPILE_BACKEND = "inductor" if CUDA else "aot_eager"
 ROUNDS, WARMUP_ROUNDS = (30, 3) if CUDA else (1, 1)
 L2_MULTIPLE = 3  # rotate among input sets totalling 3x the L2 size, so every round reads from DRAM
 MAX_SETS = 32
-
-
-@functools.cache
-def git_commit():
-    """DSD_FAST_COMMIT if set (a copy of the tree without .git), else git's HEAD (+dirty)."""
-    if os.environ.get("DSD_FAST_COMMIT"):
-        return os.environ["DSD_FAST_COMMIT"]
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 @functools.cache
@@ -55,7 +37,7 @@ def environment():
         "device": torch.cuda.get_device_name(DEVICE) if CUDA else "cpu",
         "torch": torch.__version__,
         "triton": triton_version,
-        "commit": git_commit(),
+        "commit": code_commit(),
         "compile_backend": COMPILE_BACKEND,
     }
 

@@ -26,7 +26,6 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from common import git_commit  # noqa: E402 - bench/common.py (this script's folder)
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
@@ -35,7 +34,7 @@ from dsd_fast.ops import backend  # noqa: E402
 from dsd_fast.ops import dct as ops_dct  # noqa: E402
 from dsd_fast.ops import losses as ops_losses  # noqa: E402
 from dsd_fast.ops import noise as ops_noise  # noqa: E402
-from dsd_fast.rundir import atomic_write_bytes  # noqa: E402
+from dsd_fast.rundir import atomic_write_bytes, code_commit  # noqa: E402
 
 for _ops in (ops_noise, ops_losses, ops_dct):
     _ops._kernels()  # import the kernels now, in JIT mode
@@ -226,7 +225,7 @@ def main():
     rows = collect(args.arch, tuple(args.sizes), tuple(args.channels), ops=args.ops, processes=args.jobs,
                    batches=tuple(args.batches))
     info = dict(arch=args.arch, target=LIMITS[args.arch]["name"], triton=triton.__version__,
-                torch=torch.__version__, commit=git_commit(), sizes=args.sizes, channels=args.channels,
+                torch=torch.__version__, commit=code_commit(), sizes=args.sizes, channels=args.channels,
                 batches=args.batches)
     if args.json:
         text = json.dumps(dict(info=info, kernels=rows), indent=1) + "\n"

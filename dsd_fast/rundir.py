@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import subprocess
 
 import numpy as np
 import torch
@@ -27,6 +28,21 @@ FID_REFERENCE = "fid-ref-proximal.npz"  # in-loop Proximal FID's reference stats
 NETWORK = "network"  # the `contents` of a network snapshot; a full training state has contents "state"
 STATE_SUFFIX = "kimg-state.pt"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
+
+
+def code_commit():
+    """The code a result came from, for its record: $DSD_FAST_COMMIT if set (a copy of the tree without .git, as
+    on the GPU machine), else git's HEAD of this checkout, "+dirty" when tracked files differ from it."""
+    if os.environ.get("DSD_FAST_COMMIT"):
+        return os.environ["DSD_FAST_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + ("+dirty" if dirty else "")
 
 
 class _RecordingFile:

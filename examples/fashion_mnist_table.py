@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dsd_fast.rundir import code_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 # name: (full size, smoke size): the sizes of the run.
 SIZES = {
@@ -79,14 +81,6 @@ def commands(args, run):
     ]
 
 
-def commit():
-    """HEAD and whether the tree differs from it (the numbers are of that code)."""
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    head = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
-    return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
@@ -114,7 +108,7 @@ def main(argv=None):
     shutil.copy(teacher / "data.png", tmp / "data.png")
     (tmp / "command.txt").write_text(shlex.join(["python", "examples/fashion_mnist_table.py",
                                                  *(sys.argv[1:] if argv is None else argv)]) + "\n")
-    (tmp / "commit.txt").write_text(commit() + "\n")
+    (tmp / "commit.txt").write_text(code_commit() + "\n")
     (tmp / "wall.json").write_text(json.dumps(dict(seconds=wall, cpus=os.cpu_count()), indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)

@@ -11,6 +11,7 @@ import pickle
 import random
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -340,3 +341,15 @@ def test_a_file_that_needs_unpickling_is_refused_and_never_runs(data, tmp_path):
         torch.load(path, weights_only=False)
         assert marker.exists()
         marker.unlink()
+
+
+def test_code_commit_names_head_or_the_given_commit(monkeypatch):
+    monkeypatch.setenv("DSD_FAST_COMMIT", "abc123 (copied tree)")
+    assert rundir.code_commit() == "abc123 (copied tree)"
+    monkeypatch.delenv("DSD_FAST_COMMIT")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rundir.__file__)))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        assert rundir.code_commit() == "unknown (not a git checkout)"
+    else:
+        assert re.fullmatch(re.escape(head.stdout.strip()) + r"(\+dirty)?", rundir.code_commit())

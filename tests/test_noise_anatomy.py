@@ -11,6 +11,7 @@ import torch
 from runs import make_run, smooth_images
 
 from dsd_fast.corruption import NoiseCorruption
+from dsd_fast.rundir import code_commit
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "noise_anatomy.py"
 _spec = importlib.util.spec_from_file_location("noise_anatomy", SCRIPT)
@@ -98,6 +99,7 @@ def test_end_to_end_on_a_tiny_run(tmp_path):
     assert len(slopes) == 2 * (len(na.LEVEL_BANDS) + 2) and all("±" in line for line in slopes)  # before, after
     assert "after 2 more fake-score updates at lr 0.001 with G frozen" in text
     assert text.startswith("Made by `python tools/noise_anatomy.py --data ")
+    assert f" at commit {code_commit()} in " in text.splitlines()[0]
     assert not list(tmp_path.glob("anatomy.md.*"))  # written whole (a temp file renamed)
 
 

@@ -18,6 +18,7 @@ import argparse
 import math
 import shlex
 import sys
+import time
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from dsd_fast.generation import load_sampler
 from dsd_fast.networks import NetworkConfig
 from dsd_fast.options import Options
 from dsd_fast.reference.edm import karras_sigma, karras_t
-from dsd_fast.rundir import atomic_write_bytes, load_checkpoint
+from dsd_fast.rundir import atomic_write_bytes, code_commit, load_checkpoint
 from dsd_fast.sampling import one_step
 from dsd_fast.training.phase2 import Distill
 from dsd_fast.training.update import guarded_step
@@ -106,8 +107,8 @@ def refresh_fake(distill, steps, lr):
     for k in range(first, first + steps):
         loss = distill.f_psi_step(k, o.batch, shape)
         guarded_step(distill.f_psi_opt, loss, lr)
-        total += float(loss)
-    return total / steps
+        total = total + loss.detach()
+    return float(total) / steps
 
 
 def slope_table(distill, batches, batch, seed, fixed=()):
@@ -193,6 +194,7 @@ def parse(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    start = time.time()
     g = torch.Generator().manual_seed(args.seed)
     x = load_images(resolve_source(args.data), max_images=args.num).double() / 127.5 - 1
     sets = {"clean data": x}
@@ -226,7 +228,8 @@ def main(argv=None):
             lines += ["", f"The same after {n} more fake-score updates at lr {lr:g} with G frozen (their mean loss "
                           f"{loss:.4g}; the same draws as above):", ""] + table()
     command = shlex.join(["python", "tools/noise_anatomy.py", *argv])
-    text = "\n".join([f"Made by `{command}` (seed {args.seed}).", ""] + lines) + "\n"
+    made = f"Made by `{command}` (seed {args.seed}) at commit {code_commit()} in {time.time() - start:.0f} s."
+    text = "\n".join([made, ""] + lines) + "\n"
     print(text, end="")
     if args.out:
         atomic_write_bytes(args.out, lambda f: f.write(text.encode()))
