@@ -6,9 +6,11 @@ corrupted data, the sample-size floor) for Observation, Ambient-Full, Ambient-Tr
 to OUT (default results/fashion-mnist-s0.2): eval.md, eval.json, the rows' grids, both phases' options and
 grids, command.txt (this command), commit.txt, wall.json (seconds per phase). OUT is written whole at the end
 (a temporary folder renamed), so a stopped run leaves nothing half-written there; RUN keeps the run
-directories (resumable with `dsd-fast pretrain/distill --resume`).
+directories, and the same command with --resume continues a stopped run where it stopped (each phase from its
+last.pt; the eval stage reruns whole), adding up the wall time of every invocation in RUN/wall.json.
 
     python examples/fashion_mnist_table.py                          # the committed table (about 2 h, 2 cores)
+    python examples/fashion_mnist_table.py --resume                 # ... continued after a stop
     python examples/fashion_mnist_table.py --smoke --out /tmp/t     # every stage at toy size (about 1 min)
 
 The defaults (network, kimg split, Phase II learning rates) and how they were chosen: README "Fashion-MNIST".
@@ -25,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dsd_fast.rundir import code_commit
+from dsd_fast.rundir import atomic_write_bytes, code_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: (full size, smoke size): the sizes of the run.
@@ -51,6 +53,7 @@ def parse(argv):
     p.add_argument("--fake-steps", type=int, default=1)
     p.add_argument("--g-lr-schedule", default="constant", choices=("constant", "cosine"))
     p.add_argument("--smoke", action="store_true", help="Toy sizes: checks every stage, measures nothing.")
+    p.add_argument("--resume", action="store_true", help="Continue the run in RUN (the same flags as its start).")
     for name, (full, _) in SIZES.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(full), default=None, help=f"[{full}]")
     p.add_argument("--device", default="cpu")
@@ -81,21 +84,41 @@ def commands(args, run):
     ]
 
 
+def resumed(argv):
+    """A training stage's argv continuing its run directory if that holds a checkpoint (the flags stay: a resumed
+    run takes given flags over its options.json, and these are the ones it started with)."""
+    i = argv.index("--outdir")
+    rundir = Path(argv[i + 1])
+    if (rundir / "last.pt").is_file():
+        return [*argv[:i], "--resume", str(rundir), *argv[i + 2:]]
+    if rundir.exists():
+        raise SystemExit(f"resume: {rundir} exists without a checkpoint last.pt; remove it to start that phase over")
+    return argv
+
+
 def main(argv=None):
-    args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
     out = Path(args.out)
     run = Path(args.run) if args.run else out.with_name(out.name + ".runs")
-    if (run / "teacher").exists() or (run / "student").exists():
-        raise SystemExit(f"run: {run} already holds a run; pass another --run or remove it")
+    if not args.resume and ((run / "teacher").exists() or (run / "student").exists()):
+        raise SystemExit(f"run: {run} already holds a run; continue it with --resume, pass another --run or remove it")
     dsd = shlex.split(args.dsd_fast) if args.dsd_fast else [sys.executable, "-m", "dsd_fast"]
     run.mkdir(parents=True, exist_ok=True)
-    wall = {}
+    # Wall time summed over invocations, so a resumed table still reports what each phase cost.
+    wall_file = run / "wall.json"
+    wall = json.loads(wall_file.read_text()) if args.resume and wall_file.is_file() else dict(invocations=0)
+    wall["invocations"] += 1
     for phase, argv_ in commands(args, run):
+        if args.resume and phase != "eval":
+            argv_ = resumed(argv_)
         print(f"== {phase}: dsd-fast {shlex.join(argv_)}", flush=True)
         t0 = time.perf_counter()
         subprocess.run([*dsd, *argv_], check=True)
-        wall[phase] = round(time.perf_counter() - t0, 1)
-    wall["total"] = round(sum(wall.values()), 1)
+        wall[phase] = round(wall.get(phase, 0.0) + time.perf_counter() - t0, 1)
+        atomic_write_bytes(wall_file, lambda f: f.write((json.dumps(wall, indent=1) + "\n").encode()))
+    seconds = {phase: wall[phase] for phase in ("pretrain", "distill", "eval")}
+    seconds["total"] = round(sum(seconds.values()), 1)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
     student, teacher = run / "student", run / "teacher"
     for f in ["eval.md", "eval.json", *sorted(p.name for p in student.glob("eval-*.png"))]:
@@ -107,15 +130,16 @@ def main(argv=None):
             shutil.copy(grids[-1], tmp / f"{name}-grid.png")
     shutil.copy(teacher / "data.png", tmp / "data.png")
     (tmp / "command.txt").write_text(shlex.join(["python", "examples/fashion_mnist_table.py",
-                                                 *(sys.argv[1:] if argv is None else argv)]) + "\n")
+                                                 *(a for a in argv if a != "--resume")]) + "\n")
     (tmp / "commit.txt").write_text(code_commit() + "\n")
-    (tmp / "wall.json").write_text(json.dumps(dict(seconds=wall, cpus=os.cpu_count()), indent=1) + "\n")
+    (tmp / "wall.json").write_text(json.dumps(dict(seconds=seconds, invocations=wall["invocations"],
+                                                   cpus=os.cpu_count()), indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     print((out / "eval.md").read_text())
-    print(f"Wrote {out} (wall time: {wall})")
+    print(f"Wrote {out} (wall time: {seconds})")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 at full and smoke size (click parses each, runs nothing); the results folder is only written at the end."""
 
 import importlib.util
+import json
+import shlex
+import sys
 from pathlib import Path
 
 import click
@@ -38,3 +41,58 @@ def test_existing_run_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="already holds a run"):
         table.main(["--out", str(tmp_path / "out"), "--run", str(tmp_path / "run"), "--smoke"])
     assert not (tmp_path / "out").exists()
+
+
+def test_resumed_argv(tmp_path):
+    argv = ["pretrain", "--kimg", "70", "--outdir", str(tmp_path / "teacher"), "--device", "cpu"]
+    assert table.resumed(argv) == argv  # nothing there yet: a new run
+    (tmp_path / "teacher").mkdir()
+    with pytest.raises(SystemExit, match="without a checkpoint last.pt"):
+        table.resumed(argv)
+    (tmp_path / "teacher" / "last.pt").write_bytes(b"")
+    assert table.resumed(argv) == ["pretrain", "--kimg", "70", "--resume", str(tmp_path / "teacher"), "--device",
+                                   "cpu"]
+
+
+# Stands in for dsd-fast: logs its argv, writes what each stage leaves, fails the eval while FAIL_EVAL exists.
+FAKE = """
+import json, sys
+from pathlib import Path
+argv = sys.argv[1:]
+with open(LOG, "a") as f:
+    f.write(json.dumps(argv) + "\\n")
+if argv[0] == "eval":
+    if Path(FAIL_EVAL).exists():
+        sys.exit(3)
+    Path(argv[1], "eval.md").write_text("| Method | FID |\\n")
+    Path(argv[1], "eval.json").write_text("{}")
+    sys.exit(0)
+d = Path(argv[argv.index("--outdir" if "--outdir" in argv else "--resume") + 1])
+d.mkdir(exist_ok=True)
+for name in ("last.pt", "options.json", "data.png", "x-teacher.png", "x-student.png"):
+    (d / name).write_text("")
+"""
+
+
+def test_stopped_table_resumes(tmp_path):
+    log, fail = tmp_path / "log.jsonl", tmp_path / "fail-eval"
+    fake = tmp_path / "fake_dsd.py"
+    fake.write_text(f"LOG = {str(log)!r}\nFAIL_EVAL = {str(fail)!r}\n" + FAKE)
+    fail.write_text("")
+    flags = ["--out", str(tmp_path / "out"), "--run", str(tmp_path / "run"), "--smoke", "--dsd-fast",
+             shlex.join([sys.executable, str(fake)])]
+    with pytest.raises(table.subprocess.CalledProcessError):
+        table.main(flags)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    with pytest.raises(SystemExit, match="continue it with --resume"):
+        table.main(flags)
+    fail.unlink()
+    table.main([*flags, "--resume"])
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c[0] for c in calls] == ["pretrain", "distill", "eval", "pretrain", "distill", "eval"]
+    assert all("--outdir" in c for c in calls[:2]) and all("--resume" in c for c in calls[3:5])
+    out = tmp_path / "out"
+    wall = json.loads((out / "wall.json").read_text())
+    assert wall["invocations"] == 2 and set(wall["seconds"]) == {"pretrain", "distill", "eval", "total"}
+    assert "--resume" not in (out / "command.txt").read_text()
+    assert (out / "eval.md").is_file() and (out / "teacher-grid.png").is_file()
