@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dsd_fast.rundir import atomic_write_bytes, code_commit
+from dsd_fast.evaluation.fid import write_json
+from dsd_fast.rundir import code_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: (full size, smoke size): the sizes of the run.
@@ -116,7 +117,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         subprocess.run([*dsd, *argv_], check=True)
         wall[phase] = round(wall.get(phase, 0.0) + time.perf_counter() - t0, 1)
-        atomic_write_bytes(wall_file, lambda f: f.write((json.dumps(wall, indent=1) + "\n").encode()))
+        write_json(wall_file, wall)
     seconds = {phase: wall[phase] for phase in ("pretrain", "distill", "eval")}
     seconds["total"] = round(sum(seconds.values()), 1)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
