@@ -9,7 +9,7 @@ grids, command.txt (this command), commit.txt, wall.json (seconds per phase). OU
 directories, and the same command with --resume continues a stopped run where it stopped (each phase from its
 last.pt; the eval stage reruns whole), adding up the wall time of every invocation in RUN/wall.json.
 
-    python examples/fashion_mnist_table.py                          # the committed table (about 2 h, 2 cores)
+    python examples/fashion_mnist_table.py                          # the committed table's run (2-3 h, 2 cores)
     python examples/fashion_mnist_table.py --resume                 # ... continued after a stop
     python examples/fashion_mnist_table.py --smoke --out /tmp/t     # every stage at toy size (about 1 min)
 
@@ -33,8 +33,8 @@ from dsd_fast.rundir import code_commit
 ROOT = Path(__file__).resolve().parents[1]
 # name: (full size, smoke size): the sizes of the run.
 SIZES = {
-    "pretrain_kimg": (70.0, 0.128),
-    "distill_kimg": (40.0, 0.064),
+    "pretrain_kimg": (210.0, 0.128),
+    "distill_kimg": (128.0, 0.064),
     "num": (1000, 8),
     "data_images": (1000, 16),
 }
@@ -49,7 +49,7 @@ def parse(argv):
     p.add_argument("--preset", default="cpu-fashion")
     p.add_argument("--batch", type=int, default=64, help="Phase I batch.")
     p.add_argument("--g-batch", type=int, default=16, help="Phase II batch.")
-    p.add_argument("--g-lr", type=float, default=1e-4)
+    p.add_argument("--g-lr", type=float, default=3e-4)
     p.add_argument("--fake-lr", type=float, default=None)
     p.add_argument("--fake-steps", type=int, default=1)
     p.add_argument("--g-lr-schedule", default="constant", choices=("constant", "cosine"))
