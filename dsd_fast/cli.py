@@ -170,6 +170,8 @@ _DISTILL_OPTIONS = [
             help="Generator-step Karras sigma_min; 'sigma': the observation sigma, the lowest level the ambient "
                  "teacher learnt."),
     _option("g_ema_halflife_kimg", type=_FLOAT, help="Generator EMA half-life."),
+    _option("g_ema_rampup_ratio", type=_FLOAT,
+            help="Cap the generator EMA half-life at this fraction of the images seen (0: no cap)."),
 ]
 # Fields a distill run takes from its teacher's options.json unless given.
 _FROM_TEACHER = ("dataset", "data", "noisy_data", "max_images", "corruption", "sigma", "blur", "blur_schedule",

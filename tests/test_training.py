@@ -520,3 +520,22 @@ def test_g_lr_schedule_cosine():
         assert d.f_psi_opt.param_groups[0]["lr"] == pytest.approx(6e-4 * want, rel=1e-12)
     with pytest.raises(ValueError, match="g_lr_schedule"):
         _options(g_lr_schedule="linear")
+
+
+def test_g_ema_rampup_ratio():
+    """The generator EMA caps its half-life at g_ema_rampup_ratio * images seen (its own knob, not Phase I's
+    ema_rampup_ratio): after each step G_ema = beta G_ema + (1 - beta) G with that beta; 0 removes the cap."""
+    o = _options(batch=2, g_ema_rampup_ratio=0.4, g_ema_halflife_kimg=500, ema_rampup_ratio=0.05)
+    teacher = Pretrain(o, CONFIG, _data(o), CPU).ema.state_dict()
+    d = Distill(o, CONFIG, None, CPU, teacher)
+    for k in range(2):
+        old = [p.clone() for p in d.G_ema.net.parameters()]
+        assert d.step(k)[0]
+        beta = ema_beta((k + 1) * 2, 2, 500, 0.4)
+        assert beta == pytest.approx(0.5 ** (2 / (0.4 * 2 * (k + 1))))
+        for e, w, g in zip(d.G_ema.net.parameters(), old, d.G.parameters(), strict=True):
+            torch.testing.assert_close(e, beta * w + (1 - beta) * g)
+    assert ema_beta(2, 2, 0.001, 0) == pytest.approx(0.5 ** (2 / 1))  # no cap: the half-life alone
+    assert _options().g_ema_rampup_ratio == 0.05  # unchanged default: runs made before the knob resume exactly
+    with pytest.raises(ValueError, match="g_ema_rampup_ratio"):
+        _options(g_ema_rampup_ratio=-0.1)

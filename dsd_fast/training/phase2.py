@@ -208,7 +208,7 @@ class Distill:
         fake_loss = sum(fake_losses) / len(fake_losses)
         g_loss = self.generator_step(k, n, shape)
         g_ok = guarded_step(self.G_opt, g_loss, g_lr)
-        self.G_ema.update(self.G, ema_beta(nimg, o.batch, o.g_ema_halflife_kimg, o.ema_rampup_ratio), g_ok)
+        self.G_ema.update(self.G, ema_beta(nimg, o.batch, o.g_ema_halflife_kimg, o.g_ema_rampup_ratio), g_ok)
         finite = fake_ok & g_ok
         self.bad.add(finite, k)
         self.completed = k + 1
