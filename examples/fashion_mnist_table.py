@@ -53,6 +53,7 @@ def parse(argv):
     p.add_argument("--fake-lr", type=float, default=None)
     p.add_argument("--fake-steps", type=int, default=1)
     p.add_argument("--g-lr-schedule", default="constant", choices=("constant", "cosine"))
+    p.add_argument("--g-ema-rampup-ratio", type=float, default=0.05, help="Generator EMA half-life cap.")
     p.add_argument("--smoke", action="store_true", help="Toy sizes: checks every stage, measures nothing.")
     p.add_argument("--resume", action="store_true", help="Continue the run in RUN (the same flags as its start).")
     for name, (full, _) in SIZES.items():
@@ -71,7 +72,8 @@ def commands(args, run):
     common = ["--dataset", args.dataset, "--sigma", str(args.sigma), "--preset", args.preset, "--device",
               args.device]
     fake = (["--fake-lr", str(args.fake_lr)] if args.fake_lr is not None else []) + [
-        "--fake-steps", str(args.fake_steps), "--g-lr-schedule", args.g_lr_schedule]
+        "--fake-steps", str(args.fake_steps), "--g-lr-schedule", args.g_lr_schedule, "--g-ema-rampup-ratio",
+        str(args.g_ema_rampup_ratio)]
     return [
         ("pretrain", ["pretrain", *common, "--batch", str(args.batch), "--kimg", str(args.pretrain_kimg),
                       "--lr-rampup-kimg", str(min(2.0, args.pretrain_kimg / 4)), "--snapshot-kimg",

@@ -19,7 +19,8 @@ _spec.loader.exec_module(table)
 
 
 @pytest.mark.parametrize("flags", [[], ["--smoke"], ["--fake-steps", "4", "--fake-lr", "1e-3", "--num", "2000",
-                                                             "--g-lr-schedule", "cosine"]])
+                                                             "--g-lr-schedule", "cosine",
+                                                             "--g-ema-rampup-ratio", "0.3"]])
 def test_stages_are_valid_commands(tmp_path, flags):
     args = table.parse(["--out", str(tmp_path / "out"), *flags])
     stages = table.commands(args, tmp_path / "run")
@@ -28,6 +29,9 @@ def test_stages_are_valid_commands(tmp_path, flags):
         command = main.commands[argv[0]]
         with command.make_context(argv[0], argv[1:]) as ctx:  # raises click.UsageError on a bad flag or value
             assert isinstance(ctx, click.Context)
+    distill_argv = stages[1][1]
+    ratio = distill_argv[distill_argv.index("--g-ema-rampup-ratio") + 1]
+    assert float(ratio) == (0.3 if "0.3" in flags else 0.05)
     eval_argv = stages[2][1]
     assert eval_argv[eval_argv.index("--num") + 1] == str(args.num)
     if "--smoke" in flags:
