@@ -71,7 +71,7 @@ def commands(args, run):
     """(phase, argv) of the three stages."""
     common = ["--dataset", args.dataset, "--sigma", str(args.sigma), "--preset", args.preset, "--device",
               args.device]
-    fake = (["--fake-lr", str(args.fake_lr)] if args.fake_lr is not None else []) + [
+    phase2 = (["--fake-lr", str(args.fake_lr)] if args.fake_lr is not None else []) + [
         "--fake-steps", str(args.fake_steps), "--g-lr-schedule", args.g_lr_schedule, "--g-ema-rampup-ratio",
         str(args.g_ema_rampup_ratio)]
     return [
@@ -79,7 +79,7 @@ def commands(args, run):
                       "--lr-rampup-kimg", str(min(2.0, args.pretrain_kimg / 4)), "--snapshot-kimg",
                       str(args.pretrain_kimg), "--outdir", str(run / "teacher")]),
         ("distill", ["distill", *common, "--teacher", str(run / "teacher" / "last.pt"), "--batch",
-                     str(args.g_batch), "--g-lr", str(args.g_lr), *fake, "--g-sigma-min", "sigma", "--kimg",
+                     str(args.g_batch), "--g-lr", str(args.g_lr), *phase2, "--g-sigma-min", "sigma", "--kimg",
                      str(args.distill_kimg), "--snapshot-kimg", str(args.distill_kimg), "--outdir",
                      str(run / "student")]),
         ("eval", ["eval", str(run / "student"), "--num", str(args.num), "--data-images", str(args.data_images),

@@ -38,12 +38,8 @@ def average(states, names=None):
         if shapes != want:
             raise ValueError(f"snapshots: {name} holds other {KEY} tensors than the last snapshot "
                              f"({sorted(set(shapes) ^ set(want)) or 'same names, other shapes'})")
-    weights = {}
-    for k, v in last[KEY].items():
-        if v.is_floating_point():
-            weights[k] = (sum(s[KEY][k].double() for s in states) / len(states)).to(v.dtype)
-        else:
-            weights[k] = v.clone()
+    weights = {k: (sum(s[KEY][k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+               for k, v in last[KEY].items()}
     averaged = [dict(name=n, kimg=s.get("kimg")) for n, s in zip(names, states, strict=True)]
     return {**last, KEY: weights, "averaged": averaged}
 
